@@ -1,0 +1,1 @@
+"""Miles launchers, importable as `miles.launchers`: the local executor and miles-submit."""
