@@ -1,0 +1,35 @@
+# Miles developer entry points. Each target installs what it needs into .venv first.
+#   make quickstart   run the CPU quickstart on the embedded engine (tiny model, synthetic task)
+#   make test         run the test suite (what .ci/run calls)
+#   make bench        CPU benchmarks, JSON into bench-results/
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py requirements/constraints-dev.txt | sha1sum | cut -c1-12)
+
+.PHONY: venv test test-unit quickstart bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py requirements/constraints-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/constraints-dev.txt torch==2.13.0
+	$(PY) -m pip install -q -c requirements/constraints-dev.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+quickstart: venv
+	$(PY) -m miles.quickstart
+
+bench: venv
+	mkdir -p bench-results
+	$(PY) tools/bench_engine.py --out bench-results/engine.json
+
+clean:
+	rm -rf .cache bench-results runs
