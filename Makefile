@@ -24,8 +24,17 @@ test: venv
 test-unit: venv
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-quickstart: venv
-	$(PY) -m miles.quickstart
+QS_MODEL := .cache/models/qwen3-tiny
+QS_DATA := .cache/data/quickstart.jsonl
+
+$(QS_MODEL)/config.json: tools/make_tiny_model.py | venv
+	$(PY) tools/make_tiny_model.py $(QS_MODEL)
+
+$(QS_DATA): miles/rollout/synthetic.py | venv
+	$(PY) -m miles.rollout.synthetic $(QS_DATA) --task arithmetic --num 256
+
+quickstart: venv $(QS_MODEL)/config.json $(QS_DATA)
+	$(PY) -m miles.quickstart $(ARGS)
 
 bench: venv
 	mkdir -p bench-results

@@ -11,6 +11,7 @@ Set three of the four and the fourth is derived; all four set and disagreeing is
 
 from dataclasses import dataclass, field, replace
 
+from miles.algo.config import AlgoConfig
 from miles.engines.config import EngineConfig, RouterConfig
 from miles.errors import ConfigError
 from miles.reward.config import RewardConfig
@@ -56,6 +57,8 @@ class RunConfig:
     """Reward function."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Policy update."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """Advantages, policy loss, corrections, KL and entropy terms."""
 
     def __post_init__(self) -> None:
         rollout, trainer = derive_batch_sizes(self.rollout, self.trainer)

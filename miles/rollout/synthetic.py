@@ -1,0 +1,65 @@
+"""Synthetic, verifiable prompt sets generated offline (the quickstart and tests use them).
+
+    python -m miles.rollout.synthetic OUT.jsonl [--task arithmetic] [--num 256] [--seed 0]
+
+Tasks (each row: {"prompt": str, "label": str, "metadata": {...}}):
+- arithmetic: "What is A + B? Answer:" with label str(A + B), A, B in [0, max_operand].
+- repeat: "Repeat: W" with label W, W one word from a small fixed vocabulary.
+Generation is a pure function of (task, num, seed), so the same command always writes the same file.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+REPEAT_WORDS = ("yes", "no", "hello", "world", "one", "two", "three", "answer")
+
+
+def arithmetic_rows(num: int, seed: int, max_operand: int = 20) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        rows.append({"prompt": f"What is {a} + {b}? Answer:", "label": str(a + b), "metadata": {"a": a, "b": b}})
+    return rows
+
+
+def repeat_rows(num: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num):
+        word = rng.choice(REPEAT_WORDS)
+        rows.append({"prompt": f"Repeat: {word}", "label": word, "metadata": {}})
+    return rows
+
+
+TASKS = {"arithmetic": arithmetic_rows, "repeat": repeat_rows}
+
+
+def write_jsonl(rows: list[dict], out: Path) -> Path:
+    """Write rows atomically (temp file + rename), so a crash never leaves half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--task", choices=sorted(TASKS), default="arithmetic")
+    ap.add_argument("--num", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    write_jsonl(TASKS[args.task](args.num, args.seed), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
