@@ -1,0 +1,242 @@
+"""Exact HF <-> Megatron weight conversion for Qwen3 dense, including tensor-parallel shards.
+
+Megatron layout (local layer spec, see model_provider), per TP rank r of T:
+
+- `linear_qkv.weight` [G/T * (Q/G + 2) * D, hidden]: for each query group of this rank, its Q/G
+  query heads, then its key head, then its value head (D rows each). Groups are contiguous, so
+  rank r holds groups [r*G/T, (r+1)*G/T).
+- `linear_fc1.weight` [2 * I/T, hidden]: [gate rows of rank r; up rows of rank r].
+- `linear_proj` / `linear_fc2` (row parallel): columns of rank r.
+- `word_embeddings` / `output_layer` (vocab parallel): vocab rows of rank r.
+- norms (input, pre-MLP, q/k, final): replicated.
+
+Every transform is a slice, concatenation or reshape, so HF -> Megatron -> HF is bit-exact.
+`megatron_to_hf` is what weight sync streams: it all-gathers TP shards of each parameter (in
+model order, so every TP rank must iterate the same parameters) and yields full HF tensors.
+"""
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from miles.errors import ConfigError
+
+# gather(megatron_name, local_shard) -> the shards of all TP ranks, in TP-rank order.
+Gather = Callable[[str, torch.Tensor], list[torch.Tensor]]
+
+# Kinds of tensor-parallel layout.
+_REPLICATED, _COLUMN, _ROW, _QKV, _GATE_UP = "replicated", "column", "row", "qkv", "gate_up"
+
+_GLOBAL_RULES = {
+    "embedding.word_embeddings.weight": (_COLUMN, ("model.embed_tokens.weight",)),
+    "output_layer.weight": (_COLUMN, ("lm_head.weight",)),
+    "decoder.final_layernorm.weight": (_REPLICATED, ("model.norm.weight",)),
+}
+_LAYER_RULES = {  # megatron suffix -> (kind, HF suffixes), both under the layer prefix
+    "input_layernorm.weight": (_REPLICATED, ("input_layernorm.weight",)),
+    "pre_mlp_layernorm.weight": (_REPLICATED, ("post_attention_layernorm.weight",)),
+    "self_attention.q_layernorm.weight": (_REPLICATED, ("self_attn.q_norm.weight",)),
+    "self_attention.k_layernorm.weight": (_REPLICATED, ("self_attn.k_norm.weight",)),
+    "self_attention.linear_qkv.weight": (_QKV, ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                "self_attn.v_proj.weight")),
+    "self_attention.linear_proj.weight": (_ROW, ("self_attn.o_proj.weight",)),
+    "mlp.linear_fc1.weight": (_GATE_UP, ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    "mlp.linear_fc2.weight": (_ROW, ("mlp.down_proj.weight",)),
+}
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def _tied(hf_config: Any) -> bool:
+    return bool(getattr(hf_config, "tie_word_embeddings", False))
+
+
+def _head_dim(hf_config: Any) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def _rule(megatron_name: str) -> tuple[str, tuple[str, ...]]:
+    """(kind, HF names) of one Megatron parameter name."""
+    if megatron_name in _GLOBAL_RULES:
+        return _GLOBAL_RULES[megatron_name]
+    match = _LAYER_NAME.match(megatron_name)
+    if match is None or match.group(2) not in _LAYER_RULES:
+        raise KeyError(f"no HF mapping for Megatron parameter {megatron_name!r}")
+    kind, suffixes = _LAYER_RULES[match.group(2)]
+    return kind, tuple(f"model.layers.{match.group(1)}.{s}" for s in suffixes)
+
+
+def megatron_names(hf_config: Any) -> list[str]:
+    """All Megatron parameter names of the model, in a fixed order."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(hf_config.num_hidden_layers):
+        names += [f"decoder.layers.{i}.{suffix}" for suffix in _LAYER_RULES]
+    names.append("decoder.final_layernorm.weight")
+    if not _tied(hf_config):
+        names.append("output_layer.weight")
+    return names
+
+
+def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hf_config: Any) -> torch.Tensor:
+    """HF q/k/v [heads*D, hidden] -> Megatron grouped [G*(Q/G+2)*D, hidden]."""
+    groups, d = hf_config.num_key_value_heads, _head_dim(hf_config)
+    q_per_group = hf_config.num_attention_heads // groups
+    hidden = q.shape[-1]
+    fused = torch.cat([q.reshape(groups, q_per_group * d, hidden), k.reshape(groups, d, hidden),
+                       v.reshape(groups, d, hidden)], dim=1)
+    return fused.reshape(-1, hidden)
+
+
+def _split_qkv(fused: torch.Tensor, hf_config: Any) -> tuple[torch.Tensor, ...]:
+    """Inverse of `_fuse_qkv` on the full (all TP ranks) tensor."""
+    groups, d = hf_config.num_key_value_heads, _head_dim(hf_config)
+    q_per_group = hf_config.num_attention_heads // groups
+    hidden = fused.shape[-1]
+    grouped = fused.reshape(groups, (q_per_group + 2) * d, hidden)
+    q, k, v = torch.split(grouped, [q_per_group * d, d, d], dim=1)
+    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+
+
+def _shard(kind: str, hf_tensors: list[torch.Tensor], hf_config: Any, tp_rank: int, tp_size: int) -> torch.Tensor:
+    if kind == _REPLICATED:
+        return hf_tensors[0]
+    if kind == _COLUMN:
+        return hf_tensors[0].chunk(tp_size, dim=0)[tp_rank]
+    if kind == _ROW:
+        return hf_tensors[0].chunk(tp_size, dim=1)[tp_rank]
+    if kind == _QKV:
+        return _fuse_qkv(*hf_tensors, hf_config).chunk(tp_size, dim=0)[tp_rank]
+    assert kind == _GATE_UP, kind
+    gate, up = (t.chunk(tp_size, dim=0)[tp_rank] for t in hf_tensors)
+    return torch.cat([gate, up], dim=0)
+
+
+def _merge(kind: str, shards: list[torch.Tensor], hf_config: Any) -> tuple[torch.Tensor, ...]:
+    if kind == _REPLICATED:
+        return (shards[0],)
+    if kind == _COLUMN:
+        return (torch.cat(shards, dim=0),)
+    if kind == _ROW:
+        return (torch.cat(shards, dim=1),)
+    if kind == _QKV:
+        return _split_qkv(torch.cat(shards, dim=0), hf_config)
+    assert kind == _GATE_UP, kind
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)
+
+
+def hf_to_megatron(
+    hf_state_dict: dict[str, torch.Tensor], hf_config: Any, tp_rank: int = 0, tp_size: int = 1,
+) -> dict[str, torch.Tensor]:
+    """This TP rank's Megatron shards (contiguous copies) of an HF state dict.
+
+    Raises ConfigError if the HF state dict lacks a weight or has one this converter ignores.
+    """
+    from miles.trainer.model_provider import check_hf_config
+
+    check_hf_config(hf_config, tp_size)
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank {tp_rank} is outside [0, {tp_size})")
+    used: set[str] = set()
+    out = {}
+    for name in megatron_names(hf_config):
+        kind, hf_names = _rule(name)
+        missing = [n for n in hf_names if n not in hf_state_dict]
+        if missing:
+            raise ConfigError(f"HF checkpoint lacks {missing} (needed for Megatron {name})")
+        used.update(hf_names)
+        tensors = [hf_state_dict[n] for n in hf_names]
+        out[name] = _shard(kind, tensors, hf_config, tp_rank, tp_size).contiguous().clone()
+    ignored = set(hf_state_dict) - used
+    if _tied(hf_config):
+        ignored.discard("lm_head.weight")  # some tied checkpoints still store the alias
+    if ignored:
+        raise ConfigError(f"HF checkpoint has weights with no Megatron mapping: {sorted(ignored)[:8]}")
+    return out
+
+
+def _strip_wrappers(name: str) -> str:
+    """Drop the `module.` prefixes that DDP / Float16Module wrappers add."""
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def megatron_to_hf(
+    named_params: Iterable[tuple[str, torch.Tensor]], hf_config: Any, tp_size: int = 1, gather: Gather | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) for each Megatron (name, local shard), gathering TP shards.
+
+    `gather` is called only for TP-sharded parameters and must return the shards of all TP ranks
+    in rank order (`tp_all_gather()` for real ranks). Every TP rank must iterate the same names
+    in the same order, since the gather is a collective. Replicated tensors (norms) are yielded
+    as detached views of the parameters: copy them before modifying.
+    """
+    if tp_size > 1 and gather is None:
+        raise ValueError("megatron_to_hf with tp_size > 1 needs a gather function")
+    for raw_name, tensor in named_params:
+        name = _strip_wrappers(raw_name)
+        kind, hf_names = _rule(name)
+        tensor = tensor.detach()
+        shards = gather(name, tensor) if tp_size > 1 and kind != _REPLICATED else [tensor]
+        assert len(shards) == (1 if kind == _REPLICATED else tp_size), (name, len(shards))
+        yield from zip(hf_names, _merge(kind, shards, hf_config))
+
+
+def tp_all_gather(group=None) -> Gather:
+    """A `Gather` that all-gathers over megatron's TP group (or `group`)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    def gather(name: str, tensor: torch.Tensor) -> list[torch.Tensor]:
+        tp_group = group if group is not None else mpu.get_tensor_model_parallel_group()
+        tensor = tensor.contiguous()
+        shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(shards, tensor, group=tp_group)
+        return shards
+
+    return gather
+
+
+def load_hf_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF safetensors checkpoint (single file or sharded with an index)."""
+    from safetensors.torch import load_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (checkpoint_dir / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"{checkpoint_dir} has no model.safetensors or model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(checkpoint_dir / file)))
+    return state
+
+
+def copy_into_model(model: torch.nn.Module, megatron_state: dict[str, torch.Tensor]) -> None:
+    """Copy converted shards into the model's parameters; every parameter must be covered exactly."""
+    params = {_strip_wrappers(n): p for n, p in model.named_parameters()}
+    missing, unexpected = sorted(set(params) - set(megatron_state)), sorted(set(megatron_state) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"converted weights do not match the model: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            source = megatron_state[name]
+            if tuple(source.shape) != tuple(param.shape):
+                raise ValueError(f"{name}: converted shape {tuple(source.shape)} != model shape {tuple(param.shape)}")
+            param.copy_(source)
+
+
+def load_hf_weights(model: torch.nn.Module, hf_state_dict: dict[str, torch.Tensor], hf_config: Any) -> None:
+    """Load an HF state dict into this rank's model shards (TP rank/size from megatron's state)."""
+    from megatron.core import parallel_state as mpu
+
+    tp_rank, tp_size = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
+    copy_into_model(model, hf_to_megatron(hf_state_dict, hf_config, tp_rank, tp_size))

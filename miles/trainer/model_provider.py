@@ -1,0 +1,162 @@
+"""Build a megatron-core GPTModel from a Hugging Face config (Qwen3 dense today).
+
+The model uses megatron's local layer spec (no Transformer Engine) with `SDPACoreAttention` on
+both CPU and GPU, and exactly the HF vocabulary (no padding: vocab_size must divide by TP).
+Parameters are created on the CPU (`use_cpu_initialization=True`, so initial weights do not
+depend on TP) and moved to the current GPU when CUDA is available. Call after
+`miles.trainer.parallel.init_parallel`.
+
+MoE (Qwen3-MoE, later): `transformer_config_from_hf` is the one place that reads the HF config,
+so MoE fields (num_moe_experts, moe_router_topk, moe_ffn_hidden_size, ...) go there, and
+`build_gpt_model` passes `num_experts` to the layer spec.
+"""
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from miles.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("qwen3",)
+
+
+def _rope_theta(hf_config: Any) -> float:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        raise ConfigError(f"rope_type {rope_type!r} is not supported yet (only 'default' RoPE)")
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        raise ConfigError("HF config has no rope_theta")
+    return float(theta)
+
+
+def check_hf_config(hf_config: Any, tp_size: int) -> None:
+    """Raise ConfigError if this HF model or TP size cannot be built exactly."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    if getattr(hf_config, "attention_bias", False):
+        raise ConfigError("attention_bias=True is not supported yet")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ConfigError("sliding-window attention is not supported")
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act {hf_config.hidden_act!r} is not supported (SwiGLU needs 'silu')")
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    for what, value in (("num_attention_heads", heads), ("num_key_value_heads", groups),
+                        ("vocab_size", hf_config.vocab_size), ("intermediate_size", hf_config.intermediate_size)):
+        if value % tp_size:
+            raise ConfigError(f"{what}={value} is not divisible by tensor_model_parallel_size={tp_size}")
+    if heads % groups:
+        raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={groups}")
+
+
+def transformer_config_from_hf(
+    hf_config: Any,
+    tp_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    init_weights: bool = True,
+    **overrides: Any,
+):
+    """The megatron TransformerConfig equivalent to a Qwen3 HF config (no pipeline parallelism yet).
+
+    `overrides` are set verbatim on the TransformerConfig (e.g. recompute_granularity="full").
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_hf_config(hf_config, tp_size)
+    if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"params_dtype {params_dtype} is not supported")
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    fields = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0)),
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        use_cpu_initialization=True,
+        perform_initialization=init_weights,
+        # Fused kernels need CUDA extensions; the unfused paths are exact and run everywhere.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        attention_softmax_in_fp32=True,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def gpt_layer_spec(config):
+    """megatron's local layer spec with SDPA core attention (dense MLP)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from miles.trainer.sdpa_attention import SDPACoreAttention
+
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, qk_layernorm=config.qk_layernorm, normalization=config.normalization,
+    )
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def build_gpt_model(
+    hf_config: Any,
+    tp_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    init_weights: bool = True,
+    **overrides: Any,
+):
+    """A GPTModel (this rank's TP shards, vocab-parallel output) matching the HF architecture.
+
+    Returns the bare model; the trainer wraps it (Float16Module for bf16, megatron DDP).
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config_from_hf(hf_config, tp_size, params_dtype, init_weights=init_weights, **overrides)
+    if mpu.get_tensor_model_parallel_world_size() != tp_size:
+        raise ConfigError(f"tp_size={tp_size} but megatron was initialized with "
+                          f"TP={mpu.get_tensor_model_parallel_world_size()}")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=gpt_layer_spec(config),
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=_rope_theta(hf_config),
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    logger.info("built GPTModel: %d params on this rank", sum(p.numel() for p in model.parameters()))
+    return model
