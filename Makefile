@@ -26,15 +26,19 @@ test-unit: venv
 
 QS_MODEL := .cache/models/qwen3-tiny
 QS_DATA := .cache/data/quickstart.jsonl
+QS_SFT := .cache/data/quickstart-sft.jsonl
 
 $(QS_MODEL)/config.json: tools/make_tiny_model.py | venv
 	$(PY) tools/make_tiny_model.py $(QS_MODEL)
 
 $(QS_DATA): miles/rollout/synthetic.py | venv
-	$(PY) -m miles.rollout.synthetic $(QS_DATA) --task arithmetic --num 256
+	$(PY) -m miles.rollout.synthetic $(QS_DATA) --task repeat --num 256
 
-quickstart: venv $(QS_MODEL)/config.json $(QS_DATA)
-	$(PY) -m miles.quickstart $(ARGS)
+$(QS_SFT): miles/rollout/synthetic.py | venv
+	$(PY) -m miles.rollout.synthetic $(QS_SFT) --task repeat-sft --num 256 --seed 1
+
+quickstart: venv $(QS_MODEL)/config.json $(QS_DATA) $(QS_SFT)
+	$(PY) -m miles.driver --recipe quickstart $(ARGS)
 
 bench: venv
 	mkdir -p bench-results

@@ -17,6 +17,8 @@ from miles.errors import ConfigError
 from miles.reward.config import RewardConfig
 from miles.rollout.config import RolloutConfig
 from miles.trainer.config import TrainerConfig
+from miles.trainer.sft import SftConfig
+from miles.weight_sync.config import WeightSyncConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,12 @@ class RunSection:
     """Parent folder of run directories (configs, logs, checkpoints, TensorBoard)."""
     seed: int = 1234
     """Seed of every random stream (data order, sampling seeds, init)."""
+    num_steps: int = 1
+    """RL steps (rollout -> train -> weight sync) to run."""
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 0:
+            raise ConfigError(f"run.num_steps must be >= 0, got {self.num_steps}")
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,10 @@ class RunConfig:
     """Policy update."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     """Advantages, policy loss, corrections, KL and entropy terms."""
+    sft: SftConfig = field(default_factory=SftConfig)
+    """Optional supervised warm-up before RL."""
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """Trainer -> engine weight transfer."""
 
     def __post_init__(self) -> None:
         rollout, trainer = derive_batch_sizes(self.rollout, self.trainer)

@@ -16,7 +16,7 @@ import logging
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -49,6 +49,8 @@ class RolloutBatch:
     """Groups dropped by the dynamic filter, by reason."""
     metrics: dict[str, float]
     """rollout/* metrics over every generated sample (kept or dropped)."""
+    dropped_groups: list[list[Sample]] = field(default_factory=list)
+    """The groups the dynamic filter dropped (for padding when over-sampling runs out of rounds)."""
 
     @property
     def samples(self) -> list[Sample]:
@@ -79,6 +81,7 @@ class RolloutClient:
         self.dynamic_filter = dynamic_filter
         self.seed = seed
         self.request_timeout_s = request_timeout_s
+        self._reward_seconds = 0.0
 
     def payload(self, sample: Sample) -> dict:
         """The /generate body for one sample."""
@@ -97,6 +100,7 @@ class RolloutClient:
     async def generate(self, prompts: list[PromptItem]) -> RolloutBatch:
         """Generate, score and filter n_samples_per_prompt responses for every prompt."""
         start = time.perf_counter()
+        self._reward_seconds = 0.0
         semaphore = asyncio.Semaphore(self.cfg.concurrency)
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
         connector = aiohttp.TCPConnector(limit=self.cfg.concurrency)
@@ -132,8 +136,10 @@ class RolloutClient:
     async def _generate_sample(self, client: EngineClient, semaphore: asyncio.Semaphore, sample: Sample) -> None:
         answer = await self._post(client, semaphore, sample)
         self._fill(sample, answer)
+        start = time.perf_counter()
         reward = self.reward_fn(RewardInput(prompt=sample.prompt, response=sample.response_text,
                                             label=sample.label, metadata=sample.metadata))
+        self._reward_seconds += time.perf_counter() - start
         sample.reward = float(reward)
 
     async def _post(self, client: EngineClient, semaphore: asyncio.Semaphore, sample: Sample) -> dict:
@@ -186,7 +192,7 @@ class RolloutClient:
         sample.response_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _filter(self, groups: list[list[Sample]], seconds: float) -> RolloutBatch:
-        kept, dropped = [], Counter()
+        kept, dropped, dropped_groups = [], Counter(), []
         for group in groups:
             if self.dynamic_filter is None:
                 kept.append(group)
@@ -196,12 +202,14 @@ class RolloutClient:
                 kept.append(group)
             else:
                 dropped[verdict.reason or "filtered"] += 1
+                dropped_groups.append(group)
         samples = [s for g in groups for s in g]
         metrics = rollout_metrics(samples, sum(dropped.values()), seconds)
         metrics["rollout/groups_kept"] = float(len(kept))
+        metrics["rollout/reward_seconds"] = self._reward_seconds
         logger.info("rollout: %d samples in %.1f s, reward mean %.3f, kept %d/%d groups",
                     len(samples), seconds, metrics["rollout/reward_mean"], len(kept), len(groups))
-        return RolloutBatch(groups=kept, dropped=dict(dropped), metrics=metrics)
+        return RolloutBatch(groups=kept, dropped=dict(dropped), metrics=metrics, dropped_groups=dropped_groups)
 
 
 def rollout_metrics(samples: list[Sample], groups_dropped: int, seconds: float) -> dict[str, float]:

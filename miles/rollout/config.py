@@ -36,6 +36,10 @@ class RolloutConfig:
     """Most /generate requests in flight from one rollout client."""
     request_retries: int = 3
     """Times the client retries a request that failed at the transport level."""
+    max_rounds: int = 3
+    """With a dynamic filter: rollout rounds per step to collect rollout_batch_size kept groups
+    (DAPO over-sampling); when still short, the batch is padded with dropped groups, whose
+    zero advantages add no gradient."""
     dynamic_filter: str = ""
     """Optional plug-point "module:function" (a DynamicFilter) that drops whole groups, e.g.
     "miles.rollout.filters:drop_zero_std_groups"; empty = keep every group."""
@@ -51,5 +55,7 @@ class RolloutConfig:
             raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_rounds < 1:
+            raise ConfigError(f"rollout.max_rounds must be >= 1, got {self.max_rounds}")
         if self.concurrency < 1:
             raise ConfigError(f"rollout.concurrency must be >= 1, got {self.concurrency}")

@@ -5,6 +5,8 @@
 Tasks (each row: {"prompt": str, "label": str, "metadata": {...}}):
 - arithmetic: "What is A + B? Answer:" with label str(A + B), A, B in [0, max_operand].
 - repeat: "Repeat: W" with label W, W one word from a small fixed vocabulary.
+- repeat-sft: "Repeat: W" with response " V", V drawn independently of W: a format-only SFT
+  warm-up set (answer with one vocabulary word, then stop) that leaves the copying itself to RL.
 Generation is a pure function of (task, num, seed), so the same command always writes the same file.
 """
 
@@ -36,7 +38,13 @@ def repeat_rows(num: int, seed: int) -> list[dict]:
     return rows
 
 
-TASKS = {"arithmetic": arithmetic_rows, "repeat": repeat_rows}
+def repeat_sft_rows(num: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": f"Repeat: {rng.choice(REPEAT_WORDS)}", "response": f" {rng.choice(REPEAT_WORDS)}"}
+            for _ in range(num)]
+
+
+TASKS = {"arithmetic": arithmetic_rows, "repeat": repeat_rows, "repeat-sft": repeat_sft_rows}
 
 
 def write_jsonl(rows: list[dict], out: Path) -> Path:

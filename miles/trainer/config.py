@@ -22,7 +22,20 @@ class TrainerConfig:
     tensor_model_parallel_size: int = 1
     """Megatron TP size."""
     micro_batch_size: int = 1
-    """Samples per forward/backward micro-batch."""
+    """Samples per forward/backward micro-batch (ignored when max_tokens_per_microbatch is set)."""
+    max_tokens_per_microbatch: int | None = None
+    """Dynamic batching: pack samples into micro-batches of at most this many padded tokens
+    (samples x longest sequence); a longer sample gets a micro-batch of its own. None = fixed size."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to lr; the lr is constant afterwards."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    bf16: bool = False
+    """Train in bf16 (Float16Module, fp32 main params and fp32 grad reduction); fp32 otherwise."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "num_steps_per_rollout"):
@@ -33,3 +46,16 @@ class TrainerConfig:
             raise ConfigError(f"trainer.lr must be >= 0, got {self.lr}")
         if self.tensor_model_parallel_size < 1 or self.micro_batch_size < 1:
             raise ConfigError("trainer.tensor_model_parallel_size and micro_batch_size must be >= 1")
+        if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
+            raise ConfigError(f"trainer.max_tokens_per_microbatch must be >= 1 (or unset), "
+                              f"got {self.max_tokens_per_microbatch}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"trainer.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ConfigError(f"trainer.weight_decay and trainer.clip_grad must be >= 0 (clip_grad 0 = no "
+                              f"clipping), got {self.weight_decay} and {self.clip_grad}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"trainer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"trainer.adam_eps must be > 0, got {self.adam_eps}")

@@ -12,7 +12,8 @@ Shims (each names the megatron-core 0.16.1 source it works around):
   utils.py:631 GlobalMemoryBuffer, tensor_parallel/mappings.py gather buffers, DDP, optimizer).
 - S2 CUDASTR: inside the megatron modules listed in `_CUDA_STRING_SITES`, tensor factories given
   `device="cuda"` allocate on the CPU (the module's global `torch` is replaced by a thin proxy;
-  nothing outside those modules is affected), and `Tensor.cuda()` returns the tensor itself
+  nothing outside those modules is affected; utils.py:1207 is the no-Apex grad-norm path), and
+  `Tensor.cuda()` returns the tensor itself
   (language_module.py:244, optimizer.py:375, exchange_utils.py:336).
 - S3 SYNC: `torch.cuda.synchronize()` is a no-op (filesystem_async.py:230 dist-checkpoint save,
   p2p_communication.py:242/398 pipeline p2p).
@@ -25,19 +26,23 @@ Shims (each names the megatron-core 0.16.1 source it works around):
   (tensor_parallel/random.py `_get_cuda_rng_state`, `_set_cuda_rng_state`,
   `CudaRNGStatesTracker.add` which calls `torch.cuda.get_rng_state()` at random.py:235), so
   `model_parallel_cuda_manual_seed`, TP-consistent dropout and activation recompute work.
+- S9 CUDATYPE (scoped, not installed by `apply_cpu_compat`): `with cuda_type_strings():` around
+  `get_megatron_optimizer` makes `Tensor.type()` of CPU tensors report `torch.cuda.<T>Tensor`;
+  Float16OptimizerWithFloat16Params.__init__ (optimizer.py:671/690) and the DistributedOptimizer
+  (distrib_optimizer.py:361/420) reject other type strings (bf16 training, distributed optimizer).
 
 Not included (not needed yet): S6 (DistributedOptimizer checkpoint load with the torch AdamW
-fallback), S8 (CUDA streams for the alltoall MoE dispatcher), S9 (`torch.cuda.*Tensor` type
-strings for the bf16 / distributed optimizer), S10 (sequence-parallel torch norm).
+fallback), S8 (CUDA streams for the alltoall MoE dispatcher), S10 (sequence-parallel torch norm).
 
 `check_upstream()` verifies that every symbol patched here still exists with the shape relied
 on, and raises `UpstreamChanged` naming each difference; `apply_cpu_compat()` runs it first.
 """
 
+import contextlib
 import importlib
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +76,7 @@ _CUDA_STRING_SITES = (
     _Site("S2 CUDASTR", "megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer.__init__",
           "device='cuda'"),
     _Site("S2 CUDASTR", "megatron.core.optimizer.clip_grads", "get_grad_norm_fp32", "device='cuda'"),
+    _Site("S2 CUDASTR", "megatron.core.utils", "local_multi_tensor_l2_norm", 'device="cuda"'),
     _Site("S2 CUDASTR", "megatron.core.optimizer.grad_scaler", "ConstantGradScaler.__init__",
           "device='cuda'"),
     _Site("S2 CUDASTR", "megatron.core.transformer.utils", "get_default_causal_mask", 'device="cuda"'),
@@ -95,6 +101,10 @@ _OTHER_SITES = (
           "torch.cuda.get_rng_state()"),
     _Site("S7 CPURNG", "megatron.core.tensor_parallel.random", "CudaRNGStatesTracker.fork",
           "_set_cuda_rng_state("),
+    _Site("S9 CUDATYPE", "megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
+          "param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor']"),
+    _Site("S9 CUDATYPE", "megatron.core.optimizer.distrib_optimizer",
+          "DistributedOptimizer._build_model_and_main_param_groups", "'torch.cuda.FloatTensor'"),
 )
 
 _CLIP_SIGNATURE = ("parameters", "max_norm", "total_norm", "use_decoupled_grad")
@@ -241,6 +251,30 @@ def _replace(owner: Any, attr: str, value: Any) -> None:
     key = (getattr(owner, "__name__", repr(owner)), attr)
     _ORIGINALS.setdefault(key, getattr(owner, attr, None))
     setattr(owner, attr, value)
+
+
+def _cuda_type_string(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    """S9: `Tensor.type()` with no target reports a CPU tensor as `torch.cuda.<T>Tensor`."""
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return "torch.cuda." + torch._C.TensorBase.type(self).rsplit(".", 1)[-1]
+    return torch._C.TensorBase.type(self, dtype, non_blocking, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_type_strings() -> Iterator[None]:
+    """S9: inside this block CPU tensors claim CUDA type strings (wrap `get_megatron_optimizer`).
+
+    Only for CPU-only runs with the bf16 or distributed optimizer; restores `Tensor.type` on exit.
+    """
+    if torch.cuda.is_available():
+        raise RuntimeError("cuda_type_strings() is for CPU-only runs; CUDA is available here")
+    if "type" in torch.Tensor.__dict__:
+        raise UpstreamChanged("[S9 CUDATYPE] torch.Tensor defines its own `type`; the shim would shadow it")
+    torch.Tensor.type = _cuda_type_string
+    try:
+        yield
+    finally:
+        del torch.Tensor.type
 
 
 def apply_cpu_compat() -> None:

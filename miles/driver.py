@@ -1,0 +1,192 @@
+"""The RL loop. Read it top to bottom; every line is one step of docs/architecture.md §2.
+
+    python -m miles.driver --recipe quickstart [section.key=value ...]
+
+Runs in every trainer rank. Rank 0 is the controller: it starts the rollout group (local
+executor: engines + router as processes), generates and scores rollouts, and broadcasts the
+samples; all ranks train (Megatron) and take part in the weight export; rank 0 sends the
+weights to the engines.
+"""
+
+import argparse
+import logging
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from miles.algo.advantages import compute_advantages
+from miles.config.loader import load_config, run_dir, write_resolved_config
+from miles.config.plugins import resolve_plugins
+from miles.config.run_config import RunConfig
+from miles.errors import ConfigError
+from miles.launchers.local import LocalRollout
+from miles.observability.metrics import MetricsLogger, NullMetricsLogger
+from miles.observability.mismatch import train_infer_mismatch
+from miles.observability.timers import PhaseTimer
+from miles.rollout.client import RolloutClient
+from miles.rollout.data_source import JsonlPromptSource
+from miles.rollout.sample import Sample
+from miles.trainer.sft import load_sft_samples, sft_batches
+from miles.weight_sync.syncer import WeightSyncer
+
+logger = logging.getLogger("miles.driver")
+
+
+def train(cfg: RunConfig) -> list[dict]:
+    """Run cfg.run.num_steps RL steps; return the controller's metrics per step."""
+    from transformers import AutoTokenizer
+    from tqdm import tqdm
+
+    from miles.trainer.actor import MegatronActor
+    from miles.trainer.parallel import init_parallel, teardown_parallel
+
+    if not torch.cuda.is_available():
+        from miles.trainer.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+    parallel = init_parallel(tp_size=cfg.trainer.tensor_model_parallel_size, seed=cfg.run.seed)
+    controller = parallel.rank == 0
+    out_dir = run_dir(cfg)
+    if controller:
+        write_resolved_config(cfg, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    plugins = resolve_plugins(cfg)
+    actor = MegatronActor(cfg.model.path, cfg.trainer, cfg.algo, parallel)
+    metrics = MetricsLogger(out_dir) if controller else NullMetricsLogger()
+    history: list[dict] = []
+
+    with (LocalRollout(cfg, out_dir) if controller else nullcontext()) as rollout:
+        engine_urls = _broadcast(rollout.engine_urls if controller else None)
+        sync = WeightSyncer(cfg.weight_sync, engine_urls, is_source=controller, run_dir=out_dir)
+        prompts, client = _rollout_side(cfg, tokenizer, plugins, rollout) if controller else (None, None)
+
+        if cfg.sft.steps:
+            _sft_warmup(cfg, actor, tokenizer, metrics)
+            sync.push(actor.export_hf_weights(), "sft")
+
+        for step in tqdm(range(cfg.run.num_steps), desc="rl steps", disable=not controller):
+            timer = PhaseTimer()
+            with timer.phase("rollout"):
+                samples, rollout_metrics = _broadcast(_collect_batch(cfg, client, prompts) if controller else None)
+            step_metrics = dict(rollout_metrics)
+            if samples:
+                with timer.phase("train"):
+                    temperature = cfg.rollout.temperature
+                    old_logprobs = actor.compute_logprobs(samples, temperature)
+                    step_metrics |= train_infer_mismatch([s.rollout_logprobs for s in samples], old_logprobs)
+                    advantages = _advantages(cfg, samples)
+                    step_metrics |= actor.train_rl(samples, advantages, old_logprobs,
+                                                   [torch.tensor(s.rollout_logprobs) for s in samples], temperature=temperature)
+                with timer.phase("sync"):
+                    step_metrics |= sync.push(actor.export_hf_weights(), f"step-{step + 1}")
+            else:
+                logger.warning("step %d: every group was filtered out; no update this step", step)
+            step_metrics |= timer.metrics()
+            metrics.log(step, step_metrics)
+            history.append({"step": step, **step_metrics})
+            if controller:
+                logger.info("step %d: %s", step, _summary(step_metrics))
+        sync.close()
+    metrics.close()
+    teardown_parallel()
+    return history
+
+
+def _rollout_side(cfg: RunConfig, tokenizer, plugins: dict, rollout: LocalRollout):
+    rc = cfg.rollout
+    prompts = JsonlPromptSource(rc.data_path, tokenizer=tokenizer, prompt_key=rc.prompt_key, label_key=rc.label_key,
+                                apply_chat_template=rc.apply_chat_template, shuffle=rc.shuffle, seed=cfg.run.seed)
+    client = RolloutClient(rollout.router_url, rc, plugins["reward.fn"], tokenizer, [tokenizer.eos_token_id],
+                           dynamic_filter=plugins.get("rollout.dynamic_filter"), seed=cfg.run.seed)
+    return prompts, client
+
+
+def _collect_batch(cfg: RunConfig, client: RolloutClient, prompts: JsonlPromptSource) -> tuple[list[Sample], dict]:
+    """rollout_batch_size groups: over-sample while the dynamic filter drops groups (up to
+    rollout.max_rounds rounds), then pad with dropped groups, whose advantages are zero."""
+    want = cfg.rollout.rollout_batch_size
+    kept: list[list[Sample]] = []
+    spare: list[list[Sample]] = []
+    metrics: dict = {}
+    for round_ in range(cfg.rollout.max_rounds):
+        batch = client.generate_sync(prompts.next_prompts(want - len(kept)))
+        metrics = metrics or dict(batch.metrics)  # the first round is the unbiased on-policy picture
+        kept += batch.groups
+        spare += batch.dropped_groups
+        if len(kept) >= want:
+            break
+    padded = max(want - len(kept), 0)
+    groups = kept[:want] + spare[:padded]
+    metrics |= {"rollout/rounds": float(round_ + 1), "rollout/padded_groups": float(padded)}
+    return [s for g in groups for s in g], metrics
+
+
+def _sft_warmup(cfg: RunConfig, actor, tokenizer, metrics) -> None:
+    samples = load_sft_samples(cfg.sft, tokenizer)
+    for i, batch in enumerate(sft_batches(samples, cfg.sft, cfg.run.seed)):
+        result = actor.train_sft(batch, lr=cfg.sft.lr)
+        metrics.log(i - cfg.sft.steps, {f"sft/{k.split('/')[-1]}": v for k, v in result.items()})
+    logger.info("SFT warm-up: %d steps, last loss %.4f", cfg.sft.steps, result.get("train/loss", float("nan")))
+
+
+def _advantages(cfg: RunConfig, samples: list[Sample]) -> list[torch.Tensor]:
+    """Per-token advantages of each sample (group normalisation within each prompt group)."""
+    lengths = [len(s.response_tokens) for s in samples]
+    mask_BT = torch.zeros(len(samples), max(lengths), dtype=torch.float32)
+    for i, n in enumerate(lengths):
+        mask_BT[i, :n] = torch.tensor(samples[i].loss_mask, dtype=torch.float32)
+    rewards_B = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    group_ids_B = torch.tensor([s.group_id for s in samples])
+    adv_BT = compute_advantages(cfg.algo, rewards_B, group_ids_B, mask_BT)
+    return [adv_BT[i, :n] for i, n in enumerate(lengths)]
+
+
+def _broadcast(obj):
+    """Rank 0's object on every rank (identity in a single-process run)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _summary(m: dict) -> str:
+    keys = ("rollout/reward_mean", "train/loss", "mismatch/max", "rollout/groups_kept", "time/step")
+    return " ".join(f"{k.split('/')[-1]}={m[k]:.4g}" for k in keys if k in m)
+
+
+def _default_single_process_env() -> None:
+    """Started by hand (not by torchrun/srun): a world of one trainer rank on this machine."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", required=True, help="recipe name in configs/ or a YAML path")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.temperature=0.7")
+    args = ap.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [trainer rank={rank}] %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _default_single_process_env()
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        train(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
