@@ -55,7 +55,7 @@ def test_unknown_nested_path_lists_section_keys(valid_recipe):
     msg = str(e.value)
     assert msg.startswith("override '--rollout.temprature=0.7': unknown key 'rollout.temprature'; "
                           "did you mean 'rollout.temperature'? Valid keys of rollout: data_path, prompt_key,")
-    assert msg.endswith("request_retries, dynamic_filter")
+    assert msg.endswith("request_retries, max_rounds, dynamic_filter")
 
 
 def test_missing_equals_sign(valid_recipe):
