@@ -19,7 +19,7 @@ $(STAMP): setup.py requirements/constraints-dev.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	PY=$(PY) tools/run-tests $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
