@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [trainer rank={rank}] %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-bucket and per-param INFO lines
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _default_single_process_env()
     try:

@@ -27,8 +27,8 @@ def test_quickstart_values():
     assert cfg.engine.kind == "embedded" and cfg.engine.num_engines == 2
     assert cfg.model.path == ".cache/models/qwen3-tiny"
     assert cfg.rollout.data_path == ".cache/data/quickstart.jsonl"
-    assert (cfg.rollout.rollout_batch_size, cfg.rollout.n_samples_per_prompt) == (8, 8)
-    assert (cfg.trainer.global_batch_size, cfg.trainer.num_steps_per_rollout) == (64, 1)
+    assert (cfg.rollout.rollout_batch_size, cfg.rollout.n_samples_per_prompt) == (16, 8)
+    assert (cfg.trainer.global_batch_size, cfg.trainer.num_steps_per_rollout) == (128, 1)
     assert cfg.rollout.max_new_tokens == 4
     assert cfg.reward.fn == "miles.reward.builtin:exact_match"
     assert cfg.rollout.dynamic_filter == "miles.rollout.filters:drop_zero_std_groups"

@@ -1,0 +1,62 @@
+"""A named torch.distributed group between a trainer and rollout engines, outside any default group.
+
+The trainer (rank 0) and every engine rank (rank_offset + i) meet through a `tcp://` rendezvous
+and build a process group that is *not* the default one, so it can coexist with the trainer's
+Megatron world (or with no world at all, as in an engine process).
+
+The construction matches SGLang's `init_custom_process_group` (sglang/srt/utils/common.py):
+rendezvous store → `PrefixStore(group_name, store)` → torch's private
+`_new_process_group_helper(world_size, rank, [], ...)` → identity rank map in `_world`. Both
+sides must build the store the same way or the rendezvous keys differ and both sides hang, so
+a Miles trainer can talk to real SGLang and to the embedded engine with this one function.
+`torch.distributed.new_group` cannot be used: it needs a default group that contains all peers.
+
+Relies on torch private API (checked against torch 2.13); tests/integration/weight_sync
+exercises it with gloo in separate processes.
+"""
+
+import logging
+from datetime import timedelta
+
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+logger = logging.getLogger(__name__)
+
+
+def init_custom_process_group(
+    backend: str,
+    init_method: str,
+    world_size: int,
+    rank: int,
+    group_name: str,
+    timeout: timedelta | None = None,
+) -> dist.ProcessGroup:
+    """Join the group `group_name` as `rank` of `world_size`; block until every rank joined.
+
+    init_method is a rendezvous URL such as "tcp://10.0.0.1:29600" (rank 0 hosts the store).
+    Group rank equals the rank given here; pass the returned group to collectives
+    (`dist.broadcast(t, src=0, group=pg)`). Raises ValueError for a bad rank or a name that is
+    already in use in this process.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if group_name in c10d._world.pg_names.values():
+        raise ValueError(f"a process group named {group_name!r} already exists in this process")
+    timeout = timeout or c10d.default_pg_timeout
+    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    store = c10d.PrefixStore(group_name, store)
+    pg, _ = c10d._new_process_group_helper(
+        world_size, rank, [], c10d.Backend(backend), store,
+        group_name=group_name, timeout=timeout,
+    )
+    # Collectives translate src/dst through this map; global rank == group rank here.
+    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    logger.info("joined process group %r as rank %d/%d via %s (%s)", group_name, rank, world_size, init_method, backend)
+    return pg
+
+
+def destroy_custom_process_group(pg: dist.ProcessGroup) -> None:
+    """Tear down a group made by `init_custom_process_group`; the default group is untouched."""
+    dist.destroy_process_group(pg)
