@@ -40,9 +40,10 @@ $(QS_SFT): miles/rollout/synthetic.py | venv
 quickstart: venv $(QS_MODEL)/config.json $(QS_DATA) $(QS_SFT)
 	$(PY) -m miles.driver --recipe quickstart $(ARGS)
 
-bench: venv
+bench: venv $(QS_MODEL)/config.json $(QS_DATA) $(QS_SFT)
 	mkdir -p bench-results
-	$(PY) tools/bench_engine.py --out bench-results/engine.json
+	$(PY) tools/bench_engine.py --model-path $(QS_MODEL) --out bench-results/engine.json
+	$(PY) tools/bench_rl_step.py --out bench-results/rl_step.json
 
 clean:
 	rm -rf .cache bench-results runs

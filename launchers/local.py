@@ -50,7 +50,8 @@ class LocalRollout:
             for i in range(eng.num_engines):
                 port = eng.base_port + i
                 args = ["--dtype", eng.dtype, "--max-batch-size", str(eng.max_batch_size),
-                        "--random-seed", str(self.cfg.run.seed + i), *eng.extra_args]
+                        "--random-seed", str(self.cfg.run.seed + i), "--num-threads", str(eng.num_threads),
+                        *eng.extra_args]
                 self.engines.append(
                     launch_embedded_engine(self.cfg.model.path, eng.host, port, self.log_dir / f"engine{i}.log", args)
                 )

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from miles.algo.advantages import compute_advantages
+from miles.algo.kl import kl_estimate
 from miles.config.loader import load_config, run_dir, write_resolved_config
 from miles.config.plugins import resolve_plugins
 from miles.config.run_config import RunConfig
@@ -58,7 +59,7 @@ def train(cfg: RunConfig) -> list[dict]:
     metrics = MetricsLogger(out_dir) if controller else NullMetricsLogger()
     history: list[dict] = []
 
-    with (LocalRollout(cfg, out_dir) if controller else nullcontext()) as rollout:
+    with (_rollout_group(cfg, out_dir) if controller else nullcontext()) as rollout:
         engine_urls = _broadcast(rollout.engine_urls if controller else None)
         sync = WeightSyncer(cfg.weight_sync, engine_urls, is_source=controller, run_dir=out_dir)
         prompts, client = _rollout_side(cfg, tokenizer, plugins, rollout) if controller else (None, None)
@@ -76,10 +77,12 @@ def train(cfg: RunConfig) -> list[dict]:
                 with timer.phase("train"):
                     temperature = cfg.rollout.temperature
                     old_logprobs = actor.compute_logprobs(samples, temperature)
+                    ref_logprobs = actor.compute_ref_logprobs(samples, temperature) if actor.needs_reference else None
                     step_metrics |= train_infer_mismatch([s.rollout_logprobs for s in samples], old_logprobs)
-                    advantages = _advantages(cfg, samples)
+                    advantages = _advantages(cfg, samples, old_logprobs, ref_logprobs)
                     step_metrics |= actor.train_rl(samples, advantages, old_logprobs,
-                                                   [torch.tensor(s.rollout_logprobs) for s in samples], temperature=temperature)
+                                                   [torch.tensor(s.rollout_logprobs) for s in samples],
+                                                   ref_logprobs=ref_logprobs, temperature=temperature)
                 with timer.phase("sync"):
                     step_metrics |= sync.push(actor.export_hf_weights(), f"step-{step + 1}")
             else:
@@ -95,12 +98,18 @@ def train(cfg: RunConfig) -> list[dict]:
     return history
 
 
+def _rollout_group(cfg: RunConfig, out_dir):
+    """The engines + router this run talks to: started here (local executor), or, inside a Slurm
+    het job, the ones het-group 0 started (to be provided by miles.cluster)."""
+    return LocalRollout(cfg, out_dir)
+
+
 def _rollout_side(cfg: RunConfig, tokenizer, plugins: dict, rollout: LocalRollout):
     rc = cfg.rollout
     prompts = JsonlPromptSource(rc.data_path, tokenizer=tokenizer, prompt_key=rc.prompt_key, label_key=rc.label_key,
                                 apply_chat_template=rc.apply_chat_template, shuffle=rc.shuffle, seed=cfg.run.seed)
     client = RolloutClient(rollout.router_url, rc, plugins["reward.fn"], tokenizer, [tokenizer.eos_token_id],
-                           dynamic_filter=plugins.get("rollout.dynamic_filter"), seed=cfg.run.seed)
+                           dynamic_filter=plugins.get("rollout.dynamic_filter"), seed=cfg.run.seed, progress=True)
     return prompts, client
 
 
@@ -132,15 +141,20 @@ def _sft_warmup(cfg: RunConfig, actor, tokenizer, metrics) -> None:
     logger.info("SFT warm-up: %d steps, last loss %.4f", cfg.sft.steps, result.get("train/loss", float("nan")))
 
 
-def _advantages(cfg: RunConfig, samples: list[Sample]) -> list[torch.Tensor]:
-    """Per-token advantages of each sample (group normalisation within each prompt group)."""
+def _advantages(cfg: RunConfig, samples: list[Sample], old_logprobs: list[torch.Tensor],
+                ref_logprobs: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Per-token advantages of each sample (group normalisation within each prompt group; the
+    REINFORCE++ estimators fold a reward-level KL to the reference in when algo.kl_coef != 0)."""
     lengths = [len(s.response_tokens) for s in samples]
     mask_BT = torch.zeros(len(samples), max(lengths), dtype=torch.float32)
+    kl_BT = None if ref_logprobs is None else torch.zeros_like(mask_BT)
     for i, n in enumerate(lengths):
         mask_BT[i, :n] = torch.tensor(samples[i].loss_mask, dtype=torch.float32)
+        if kl_BT is not None:
+            kl_BT[i, :n] = kl_estimate(old_logprobs[i], ref_logprobs[i], cfg.algo.kl_estimator)
     rewards_B = torch.tensor([s.reward for s in samples], dtype=torch.float32)
     group_ids_B = torch.tensor([s.group_id for s in samples])
-    adv_BT = compute_advantages(cfg.algo, rewards_B, group_ids_B, mask_BT)
+    adv_BT = compute_advantages(cfg.algo, rewards_B, group_ids_B, mask_BT, kl_BT=kl_BT)
     return [adv_BT[i, :n] for i, n in enumerate(lengths)]
 
 

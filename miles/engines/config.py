@@ -24,6 +24,9 @@ class EngineConfig:
     """Weights/compute dtype of the engine: float32, bfloat16 or float16."""
     max_batch_size: int = 64
     """Most requests decoded together in one batch (embedded engine)."""
+    num_threads: int = 0
+    """Torch intra-op threads per embedded engine (0 = torch's default). Set 1 when engines share
+    a small CPU with the trainer: two threads per process on two shared cores thrash."""
     startup_timeout_s: float = 120.0
     """Seconds to wait for an engine's /health_generate before giving up."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -36,6 +39,8 @@ class EngineConfig:
             raise ConfigError(f"engine.num_engines must be >= 1, got {self.num_engines}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"engine.dtype={self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.num_threads < 0:
+            raise ConfigError(f"engine.num_threads must be >= 0, got {self.num_threads}")
         if self.max_batch_size < 1:
             raise ConfigError(f"engine.max_batch_size must be >= 1, got {self.max_batch_size}")
 

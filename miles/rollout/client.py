@@ -70,6 +70,7 @@ class RolloutClient:
     def __init__(
         self, router_url: str, cfg: RolloutConfig, reward_fn: RewardFn, tokenizer, eos_token_ids: list[int],
         dynamic_filter: DynamicFilter | None = None, seed: int = 0, request_timeout_s: float = 3600.0,
+        progress: bool = False,
     ):
         if cfg.n_samples_per_prompt is None:
             raise ConfigError("rollout.n_samples_per_prompt must be set (or derived from the batch invariant)")
@@ -82,6 +83,8 @@ class RolloutClient:
         self.seed = seed
         self.request_timeout_s = request_timeout_s
         self._reward_seconds = 0.0
+        self.progress = progress
+        self._bar = None
 
     def payload(self, sample: Sample) -> dict:
         """The /generate body for one sample."""
@@ -99,21 +102,28 @@ class RolloutClient:
 
     async def generate(self, prompts: list[PromptItem]) -> RolloutBatch:
         """Generate, score and filter n_samples_per_prompt responses for every prompt."""
+        from tqdm import tqdm
+
         start = time.perf_counter()
         self._reward_seconds = 0.0
+        self._bar = tqdm(total=len(prompts) * self.cfg.n_samples_per_prompt, desc="rollout", unit="sample",
+                         leave=False, disable=not self.progress)
         semaphore = asyncio.Semaphore(self.cfg.concurrency)
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
         connector = aiohttp.TCPConnector(limit=self.cfg.concurrency)
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            client = EngineClient(self.router_url, session=session)
-            tasks = [asyncio.ensure_future(self._generate_group(client, semaphore, p)) for p in prompts]
-            try:
-                groups = await asyncio.gather(*tasks)
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+        try:
+            async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+                client = EngineClient(self.router_url, session=session)
+                tasks = [asyncio.ensure_future(self._generate_group(client, semaphore, p)) for p in prompts]
+                try:
+                    groups = await asyncio.gather(*tasks)
+                except BaseException:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    raise
+        finally:
+            self._bar.close()
         return self._filter(sorted(groups, key=lambda g: g[0].group_id), time.perf_counter() - start)
 
     def generate_sync(self, prompts: list[PromptItem]) -> RolloutBatch:
@@ -141,6 +151,7 @@ class RolloutClient:
                                             label=sample.label, metadata=sample.metadata))
         self._reward_seconds += time.perf_counter() - start
         sample.reward = float(reward)
+        self._bar.update(1)
 
     async def _post(self, client: EngineClient, semaphore: asyncio.Semaphore, sample: Sample) -> dict:
         """POST /generate, retrying transport failures and 503 (router has no healthy engine right now)."""

@@ -17,6 +17,11 @@ The step follows Megatron-LM's `train_step`: zero the grad buffers, `get_forward
 all-reduce of q/k-layernorm grads), then the lr scheduler and `optimizer.step()` (AdamW, clip by
 global norm). The scheduler advances *before* the optimizer step, so with `lr_warmup_steps=W`
 step k (1-based) uses lr * min(k, W) / W and no step runs at lr 0.
+
+Reference policy: when the algorithm needs pi_ref (`needs_reference`: algo.use_kl_loss, or the
+REINFORCE++ reward-level KL algo.kl_coef != 0) a second GPTModel is built from the same HF
+weights with the same TP layout, frozen (eval mode, no grads, no DDP, no optimizer), and
+`compute_ref_logprobs` runs it like `compute_logprobs` runs the actor.
 """
 
 import contextlib
@@ -37,57 +42,20 @@ from miles.algo.corrections import ImportanceCorrection
 from miles.algo.reduction import reduce_token_mean
 from miles.errors import ConfigError
 from miles.rollout.sample import Sample
+from miles.trainer.batching import MicroBatch, build_micro_batches, dp_slice
 from miles.trainer.config import TrainerConfig
-from miles.trainer.logprobs import PaddedBatch, build_padded_batch, split_responses, token_entropy, token_logprobs
+from miles.trainer.logprobs import split_responses, token_entropy, token_logprobs
 from miles.trainer.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 
 # loss_fn(micro_batch, logits_BSVp) -> (loss for backward, metrics or outputs of this micro-batch)
-LossFn = Callable[["_MicroBatch", torch.Tensor], tuple[torch.Tensor, Any]]
-
-
-def plan_micro_batches(lengths: Sequence[int], micro_batch_size: int,
-                       max_tokens: int | None = None) -> list[list[int]]:
-    """Group sample indices into micro-batches; every index appears exactly once.
-
-    Fixed (max_tokens None): consecutive chunks of `micro_batch_size`. Dynamic: samples taken
-    longest first are packed greedily; a micro-batch is closed when adding the next sample
-    would make its padded size (samples x longest sequence) exceed `max_tokens`. A sample
-    longer than the budget gets a micro-batch of its own.
-    """
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if max_tokens is None:
-        starts = range(0, len(lengths), micro_batch_size)
-        return [list(range(i, min(i + micro_batch_size, len(lengths)))) for i in starts]
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if current and max(longest, lengths[i]) * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, lengths[i])
-    if current:
-        batches.append(current)
-    return batches
-
-
-@dataclass(frozen=True, eq=False)
-class _MicroBatch:
-    """One micro-batch: positions of its samples in the caller's list, and the padded tensors."""
-
-    indices: tuple[int, ...]
-    """Index of each row's sample in the list handed to the actor."""
-    batch: PaddedBatch
-    """Right-padded model inputs on this rank's device."""
+LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, Any]]
 
 
 @dataclass(frozen=True, eq=False)
 class _StepData:
-    """Per-sample loss inputs of one optimizer step (whole lists, indexed by _MicroBatch.indices)."""
+    """Per-sample loss inputs of one optimizer step (whole lists, indexed by MicroBatch.indices)."""
 
     masks: list[torch.Tensor]
     """Loss mask [R] of every sample."""
@@ -140,12 +108,10 @@ class MegatronActor:
             finalize_model_grads,
         )
         from megatron.core.pipeline_parallel import get_forward_backward_func
-        from megatron.core.transformer.module import Float16Module
         from megatron.core.utils import get_model_config
         from transformers import AutoConfig
 
-        from miles.trainer.hf_convert import load_hf_state_dict, load_hf_weights
-        from miles.trainer.model_provider import build_gpt_model
+        from miles.trainer.hf_convert import load_hf_state_dict
 
         if trainer_cfg.tensor_model_parallel_size != parallel.tp_size:
             raise ConfigError(f"trainer.tensor_model_parallel_size={trainer_cfg.tensor_model_parallel_size} but "
@@ -156,13 +122,11 @@ class MegatronActor:
         self.hf_config = AutoConfig.from_pretrained(hf_path)
         self.pad_id = self.hf_config.pad_token_id if self.hf_config.pad_token_id is not None else 0
         dtype = torch.bfloat16 if trainer_cfg.bf16 else torch.float32
+        hf_state = load_hf_state_dict(hf_path)
         # init_weights=True although the HF weights overwrite everything: megatron-core 0.16.1 sets the
         # tensor_model_parallel attributes (which the TP grad norm relies on) only inside its init
         # branches (tensor_parallel/layers.py:855/877), so perform_initialization=False breaks TP>1.
-        module = build_gpt_model(self.hf_config, tp_size=parallel.tp_size, params_dtype=dtype, init_weights=True)
-        if trainer_cfg.bf16:
-            module = Float16Module(module.config, module)
-        load_hf_weights(module, load_hf_state_dict(hf_path), self.hf_config)
+        module = self._build_module(hf_state, dtype, init_weights=True)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=False)
         self.model = DistributedDataParallel(config=get_model_config(module), ddp_config=ddp_config, module=module)
@@ -174,6 +138,28 @@ class MegatronActor:
         model_config.finalize_model_grads_func = finalize_model_grads
         model_config.no_sync_func = self.model.no_sync
         self._forward_backward = get_forward_backward_func()
+        self.ref_model: torch.nn.Module | None = None
+        if self.needs_reference:
+            # The frozen pi_ref: no grads, so no TP attributes needed and no random init to pay for.
+            self.ref_model = self._build_module(hf_state, dtype, init_weights=False)
+            self.ref_model.requires_grad_(False)
+            self.ref_model.eval()
+            logger.info("built the frozen reference model (algo.use_kl_loss=%s, algo.kl_coef=%s)",
+                        algo_cfg.use_kl_loss, algo_cfg.kl_coef)
+
+    def _build_module(self, hf_state: dict[str, torch.Tensor], dtype: torch.dtype, init_weights: bool):
+        """A GPTModel (Float16Module-wrapped in bf16) holding this rank's TP shards of `hf_state`."""
+        from megatron.core.transformer.module import Float16Module
+
+        from miles.trainer.hf_convert import load_hf_weights
+        from miles.trainer.model_provider import build_gpt_model
+
+        module = build_gpt_model(self.hf_config, tp_size=self.parallel.tp_size, params_dtype=dtype,
+                                 init_weights=init_weights)
+        if dtype == torch.bfloat16:
+            module = Float16Module(module.config, module)
+        load_hf_weights(module, hf_state, self.hf_config)
+        return module
 
     def _build_optimizer(self, dtype: torch.dtype):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -202,39 +188,37 @@ class MegatronActor:
         )
 
     @property
+    def needs_reference(self) -> bool:
+        """Whether the algorithm uses pi_ref (a KL loss, or the REINFORCE++ reward-level KL)."""
+        return self.algo_cfg.use_kl_loss or self.algo_cfg.kl_coef != 0
+
+    @property
     def num_optimizer_steps(self) -> int:
         """Scheduled optimizer steps taken so far (SFT steps at a fixed lr are not counted)."""
         return self.scheduler.num_steps
 
     # ------------------------------------------------------------------ batching
 
-    def _micro_batches(self, samples: Sequence[Sample], indices: Sequence[int]) -> list[_MicroBatch]:
-        lengths = [len(samples[i].prompt_tokens) + len(samples[i].response_tokens) for i in indices]
-        plan = plan_micro_batches(lengths, self.cfg.micro_batch_size, self.cfg.max_tokens_per_microbatch)
-        out = []
-        for group in plan:
-            chosen = [samples[indices[j]] for j in group]
-            batch = build_padded_batch([s.prompt_tokens for s in chosen], [s.response_tokens for s in chosen],
-                                       pad_id=self.pad_id, device=self.parallel.device)
-            out.append(_MicroBatch(indices=tuple(indices[j] for j in group), batch=batch))
-        return out
+    def _micro_batches(self, samples: Sequence[Sample], indices: Sequence[int]) -> list[MicroBatch]:
+        return build_micro_batches(samples, indices, micro_batch_size=self.cfg.micro_batch_size,
+                                   max_tokens=self.cfg.max_tokens_per_microbatch, pad_id=self.pad_id,
+                                   device=self.parallel.device)
 
     def _dp_slice(self, start: int, stop: int) -> list[int]:
-        """This DP rank's contiguous share of range(start, stop) (sizes differ by at most one)."""
-        n, dp, r = stop - start, self.parallel.dp_size, self.parallel.dp_rank
-        lo, hi = start + r * n // dp, start + (r + 1) * n // dp
-        return list(range(lo, hi))
+        return dp_slice(start, stop, self.parallel.dp_size, self.parallel.dp_rank)
 
-    def _run(self, micro_batches: list[_MicroBatch], loss_fn: LossFn, forward_only: bool) -> list[Any]:
-        """megatron's forward(-backward) schedule over the micro-batches; per-micro-batch loss_fn outputs."""
+    def _run(self, micro_batches: list[MicroBatch], loss_fn: LossFn, forward_only: bool,
+             model: torch.nn.Module | None = None) -> list[Any]:
+        """megatron's forward(-backward) schedule over the micro-batches of `model` (default: the actor);
+        per-micro-batch loss_fn outputs."""
 
-        def forward_step(data_iterator: Iterator[_MicroBatch], model: torch.nn.Module):
+        def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
             logits_BSVp = model(mb.batch.input_ids_BS, mb.batch.position_ids_BS, mb.batch.attention_mask_11SS)
             return logits_BSVp, partial(loss_fn, mb)
 
         return self._forward_backward(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.model,
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.model if model is None else model,
             num_microbatches=len(micro_batches), seq_length=max(mb.batch.input_ids_BS.shape[1] for mb in micro_batches),
             micro_batch_size=max(len(mb.indices) for mb in micro_batches), forward_only=forward_only,
         )
@@ -249,17 +233,40 @@ class MegatronActor:
         Forward only; DP ranks share the work and all-gather, so every rank returns all samples.
         With `with_entropy=True` returns (logprobs, entropies).
         """
+        self.model.eval()
+        try:
+            results = self._forward_logprobs(self.model, samples, temperature, with_entropy)
+        finally:
+            self.model.train()
+        logprobs = [results[i][0] for i in range(len(samples))]
+        if with_entropy:
+            return logprobs, [results[i][1] for i in range(len(samples))]
+        return logprobs
+
+    def compute_ref_logprobs(self, samples: Sequence[Sample], temperature: float = 1.0) -> list[torch.Tensor]:
+        """log pi_ref of each sample's response tokens (fp32 [R], on the CPU), as compute_logprobs does
+        for the actor: same micro-batching and DP all-gather, forward only, on the frozen initial weights.
+
+        Raises RuntimeError when no reference was built (see `needs_reference`).
+        """
+        if self.ref_model is None:
+            raise RuntimeError("no reference model: it is built only when algo.use_kl_loss is true or "
+                               "algo.kl_coef != 0")
+        results = self._forward_logprobs(self.ref_model, samples, temperature, with_entropy=False)
+        return [results[i][0] for i in range(len(samples))]
+
+    def _forward_logprobs(self, model: torch.nn.Module, samples: Sequence[Sample], temperature: float,
+                          with_entropy: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """{sample index: (logprobs, entropy or None)} of all samples: this DP rank's share, all-gathered."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         mine = self._dp_slice(0, len(samples))
         results: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if mine:
-            self.model.eval()
             with torch.no_grad():
                 outputs = self._run(self._micro_batches(samples, mine),
                                     partial(_logprob_outputs, temperature=temperature, with_entropy=with_entropy),
-                                    forward_only=True)
-            self.model.train()
+                                    forward_only=True, model=model)
             for out in outputs:
                 results.update(out)
         if self.parallel.dp_size > 1:
@@ -268,10 +275,7 @@ class MegatronActor:
             gathered: list[dict] = [{} for _ in range(self.parallel.dp_size)]
             dist.all_gather_object(gathered, results, group=mpu.get_data_parallel_group())
             results = {k: v for part in gathered for k, v in part.items()}
-        logprobs = [results[i][0] for i in range(len(samples))]
-        if with_entropy:
-            return logprobs, [results[i][1] for i in range(len(samples))]
-        return logprobs
+        return results
 
     # ------------------------------------------------------------------ training
 
@@ -380,7 +384,7 @@ class MegatronActor:
             out["grad_norm"] = float(grad_norm)
         return out
 
-    def _rl_loss(self, mb: _MicroBatch, logits_BSVp: torch.Tensor, *, data: _StepData,
+    def _rl_loss(self, mb: MicroBatch, logits_BSVp: torch.Tensor, *, data: _StepData,
                  temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, device = mb.batch, logits_BSVp.device
         logprobs = split_responses(token_logprobs(logits_BSVp, batch.targets_BS, temperature), batch)
@@ -402,7 +406,7 @@ class MegatronActor:
         )
         return actor_loss(self.algo_cfg, inp, self.correction)
 
-    def _sft_loss(self, mb: _MicroBatch, logits_BSVp: torch.Tensor, *,
+    def _sft_loss(self, mb: MicroBatch, logits_BSVp: torch.Tensor, *,
                   data: _StepData) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logprobs = split_responses(token_logprobs(logits_BSVp, mb.batch.targets_BS), mb.batch)
         nll_BT = -_pad_BT(logprobs, logits_BSVp.device)
@@ -434,7 +438,7 @@ def _scaled(result: tuple[torch.Tensor, Any], scale: float) -> tuple[torch.Tenso
     return loss * scale, metrics
 
 
-def _logprob_outputs(mb: _MicroBatch, logits_BSVp: torch.Tensor, *, temperature: float,
+def _logprob_outputs(mb: MicroBatch, logits_BSVp: torch.Tensor, *, temperature: float,
                      with_entropy: bool) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor | None]]]:
     """Forward-only 'loss': a dummy zero, and {sample index: (logprobs [R], entropy [R] or None)} on the CPU."""
     logprobs = split_responses(token_logprobs(logits_BSVp, mb.batch.targets_BS, temperature), mb.batch)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from miles.algo.config import AlgoConfig
 from miles.errors import ConfigError
 from miles.rollout.sample import Sample
-from miles.trainer.actor import MegatronActor, plan_micro_batches
+from miles.trainer.actor import MegatronActor
+from miles.trainer.batching import plan_micro_batches
 from miles.trainer.config import TrainerConfig
 
 TEMPERATURE = 0.7
