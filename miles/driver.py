@@ -100,8 +100,10 @@ def train(cfg: RunConfig) -> list[dict]:
 
 def _rollout_group(cfg: RunConfig, out_dir):
     """The engines + router this run talks to: started here (local executor), or, inside a Slurm
-    het job, the ones het-group 0 started (to be provided by miles.cluster)."""
-    return LocalRollout(cfg, out_dir)
+    het job (a trainer task of launchers/role.py), the ones het-group 0 started."""
+    from miles.cluster.slurm_rollout import SlurmRollout, in_het_job
+
+    return SlurmRollout(cfg, out_dir) if in_het_job() else LocalRollout(cfg, out_dir)
 
 
 def _rollout_side(cfg: RunConfig, tokenizer, plugins: dict, rollout: LocalRollout):
@@ -176,12 +178,9 @@ def _default_single_process_env() -> None:
     """Started by hand (not by torchrun/srun): a world of one trainer rank on this machine."""
     if "RANK" in os.environ:
         return
-    import socket
+    from miles.engines.ports import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def main(argv: list[str] | None = None) -> int:

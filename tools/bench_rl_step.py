@@ -22,22 +22,21 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from miles.engines.ports import free_port, free_port_range  # noqa: E402
 PHASES = {"rollout": "time/rollout", "reward": "rollout/reward_seconds", "train": "time/train",
           "sync": "time/sync", "step": "time/step"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_once(transport: str, steps: int, workdir: Path) -> dict:
     overrides = [f"run.num_steps={steps}", f"run.output_dir={workdir}", f"run.name={transport}",
-                 f"weight_sync.transport={transport}", f"engine.base_port={free_port()}", f"router.port={free_port()}"]
+                 f"weight_sync.transport={transport}", f"engine.base_port={free_port_range(2)}", f"router.port={free_port()}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    subprocess.run([sys.executable, "-m", "miles.driver", "--recipe", "quickstart", *overrides],
-                   cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "miles.driver", "--recipe", "quickstart", *overrides],
+                          cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the {transport} run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (workdir / transport / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["step"] >= 1 and "time/step" in r]
     out = {name: statistics.fmean(r.get(key, 0.0) for r in rows) for name, key in PHASES.items()}

@@ -7,23 +7,18 @@ the iterator.
 
 import logging
 import shutil
-import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from miles.engines.ports import free_port
 from miles.weight_sync.config import WeightSyncConfig
 from miles.weight_sync.disk import save_hf_weights, update_engines_from_disk
 from miles.weight_sync.distributed import DistributedWeightSender
 
 logger = logging.getLogger(__name__)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class WeightSyncer:
@@ -38,7 +33,7 @@ class WeightSyncer:
         self._sender: DistributedWeightSender | None = None
         if is_source and cfg.transport == "distributed":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            port = cfg.master_port or _free_port(master_address)
+            port = cfg.master_port or free_port(master_address)
             self._sender = DistributedWeightSender(self.engine_urls, master_address, port, backend=backend)
             self._sender.connect()
 
@@ -51,8 +46,6 @@ class WeightSyncer:
         if self._sender is not None:
             stats = self._sender.send(named_tensors, version, bucket_bytes=int(self.cfg.bucket_mb * (1 << 20)))
             return {"weight_sync/seconds": stats.seconds, "weight_sync/mb": stats.num_bytes / 1e6}
-        import time
-
         start = time.perf_counter()
         out = save_hf_weights(named_tensors, self.weights_dir / version)
         update_engines_from_disk(self.engine_urls, str(out), version)

@@ -8,12 +8,13 @@ folder are overridden. The thresholds are the ones README.md states.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from miles.engines.ports import free_port, free_port_range
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,12 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 FINAL_REWARD_MIN = 0.5
 REWARD_GAIN_MIN = 0.3
 MISMATCH_MAX = 1e-4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -38,7 +33,7 @@ def test_quickstart_reward_rises(tiny_model, tmp_path):
                        check=True)
     overrides = [
         f"model.path={tiny_model}", f"rollout.data_path={data}", f"sft.data_path={sft}",
-        f"run.output_dir={tmp_path}", f"engine.base_port={_free_port()}", f"router.port={_free_port()}",
+        f"run.output_dir={tmp_path}", f"engine.base_port={free_port_range(2)}", f"router.port={free_port()}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RANK", None)
