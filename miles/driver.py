@@ -64,11 +64,18 @@ def train(cfg: RunConfig) -> list[dict]:
         sync = WeightSyncer(cfg.weight_sync, engine_urls, is_source=controller, run_dir=out_dir)
         prompts, client = _rollout_side(cfg, tokenizer, plugins, rollout) if controller else (None, None)
 
-        if cfg.sft.steps:
+        ckpt_root = cfg.checkpoint.resolve_dir(out_dir)
+        start_step, rl_state = _resume(cfg, ckpt_root, actor)
+        if start_step:  # the engines started from model.path: give them the resumed weights
+            if controller:
+                prompts.load_state_dict(rl_state["data"])
+            sync.push(actor.export_hf_weights(), f"step-{start_step}")
+        elif cfg.sft.steps:
             _sft_warmup(cfg, actor, tokenizer, metrics)
             sync.push(actor.export_hf_weights(), "sft")
 
-        for step in tqdm(range(cfg.run.num_steps), desc="rl steps", disable=not controller):
+        for step in tqdm(range(start_step, cfg.run.num_steps), desc="rl steps", disable=not controller,
+                         initial=start_step, total=cfg.run.num_steps):
             timer = PhaseTimer()
             with timer.phase("rollout"):
                 samples, rollout_metrics = _broadcast(_collect_batch(cfg, client, prompts) if controller else None)
@@ -92,7 +99,12 @@ def train(cfg: RunConfig) -> list[dict]:
             history.append({"step": step, **step_metrics})
             if controller:
                 logger.info("step %d: %s", step, _summary(step_metrics))
+            _maybe_save(cfg, ckpt_root, out_dir, step + 1, actor, prompts)
         sync.close()
+    digest = _weights_digest(actor)
+    if controller:  # lets an operator (and the resume tests) compare two runs' final weights
+        (out_dir / "final_weights.sha256").write_text(digest + "\n")
+        logger.info("final weights sha256 %s", digest)
     metrics.close()
     teardown_parallel()
     return history
@@ -113,6 +125,48 @@ def _rollout_side(cfg: RunConfig, tokenizer, plugins: dict, rollout: LocalRollou
     client = RolloutClient(rollout.router_url, rc, plugins["reward.fn"], tokenizer, [tokenizer.eos_token_id],
                            dynamic_filter=plugins.get("rollout.dynamic_filter"), seed=cfg.run.seed, progress=True)
     return prompts, client
+
+
+def _resume(cfg: RunConfig, ckpt_root, actor) -> tuple[int, dict]:
+    """(completed steps, RL state) of the newest valid checkpoint, or (0, {}) for a fresh start."""
+    from miles.checkpoint.store import load_checkpoint
+
+    loaded = load_checkpoint(ckpt_root, actor) if cfg.checkpoint.resume else None
+    if loaded is None:
+        return 0, {}
+    step, rl_state = loaded
+    logger.info("resumed from %s at step %d", ckpt_root, step)
+    return step, rl_state
+
+
+def _maybe_save(cfg: RunConfig, ckpt_root, out_dir, completed: int, actor, prompts) -> None:
+    """Save when the interval is due, at the last step (if saving is on), or when the sentinel exists.
+    Collective: every rank decides the same way (save_requested agrees across ranks)."""
+    from miles.checkpoint.sentinel import clear_sentinel, save_requested
+    from miles.checkpoint.store import save_checkpoint
+    from miles.config.loader import config_to_yaml
+
+    sentinel = cfg.checkpoint.sentinel_path(out_dir)
+    forced = sentinel is not None and save_requested(sentinel)
+    final = cfg.checkpoint.save_interval > 0 and completed == cfg.run.num_steps
+    if not (forced or final or cfg.checkpoint.is_due(completed)):
+        return
+    rl_state = {"step": completed, "data": prompts.state_dict() if prompts is not None else None}
+    save_checkpoint(ckpt_root, completed, actor, rl_state, config_to_yaml(cfg), keep_last=cfg.checkpoint.keep_last)
+    if forced:
+        clear_sentinel(sentinel)
+
+
+def _weights_digest(actor) -> str:
+    """sha256 over the exported HF weights (name, dtype, shape, bytes), in export order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in actor.export_hf_weights():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _collect_batch(cfg: RunConfig, client: RolloutClient, prompts: JsonlPromptSource) -> tuple[list[Sample], dict]:

@@ -12,6 +12,9 @@ Set three of the four and the fourth is derived; all four set and disagreeing is
 from dataclasses import dataclass, field, replace
 
 from miles.algo.config import AlgoConfig
+from miles.checkpoint.config import CheckpointConfig
+from miles.cluster.config import ClusterConfig
+from miles.cluster.plan import PlanConfig
 from miles.engines.config import EngineConfig, RouterConfig
 from miles.errors import ConfigError
 from miles.reward.config import RewardConfig
@@ -71,6 +74,12 @@ class RunConfig:
     """Optional supervised warm-up before RL."""
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     """Trainer -> engine weight transfer."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence, retention, forced saves and resume."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Slurm het-job layout and sbatch options (miles-submit)."""
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    """Published architecture and planned parallel layout (dry-run memory estimate, support check)."""
 
     def __post_init__(self) -> None:
         rollout, trainer = derive_batch_sizes(self.rollout, self.trainer)
