@@ -47,6 +47,7 @@ setup(
         "console_scripts": [
             "miles-engine=miles.engines.embedded.__main__:main",
             "miles-router=miles.engines.router:main",
+            "miles-submit=miles.launchers.submit:main",
         ]
     },
 )

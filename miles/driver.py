@@ -61,7 +61,9 @@ def train(cfg: RunConfig) -> list[dict]:
 
     with (_rollout_group(cfg, out_dir) if controller else nullcontext()) as rollout:
         engine_urls = _broadcast(rollout.engine_urls if controller else None)
-        sync = WeightSyncer(cfg.weight_sync, engine_urls, is_source=controller, run_dir=out_dir)
+        # The address the engines reach this (source) rank at, for the weight-update group.
+        sync = WeightSyncer(cfg.weight_sync, engine_urls, is_source=controller, run_dir=out_dir,
+                            master_address=rollout.trainer_address if controller else "127.0.0.1")
         prompts, client = _rollout_side(cfg, tokenizer, plugins, rollout) if controller else (None, None)
 
         ckpt_root = cfg.checkpoint.resolve_dir(out_dir)
