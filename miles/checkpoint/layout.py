@@ -20,7 +20,8 @@ import shutil
 from pathlib import Path
 
 from miles.checkpoint import ranks
-from miles.checkpoint.manifest import atomic_write_text, describe_files, fsync_dir, list_files, write_manifest
+from miles.atomic_file import atomic_write_text, fsync_dir
+from miles.checkpoint.manifest import describe_files, list_files, write_manifest
 
 logger = logging.getLogger(__name__)
 

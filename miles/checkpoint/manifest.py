@@ -15,10 +15,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from miles.atomic_file import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -131,28 +132,3 @@ def verify(ckpt_dir: Path, rank: int = 0, world_size: int = 1) -> list[str]:
         if actual != entry["sha256"]:
             problems.append(f"checksum mismatch in {path}: expected sha256 {entry['sha256']}, got {actual}")
     return problems
-
-
-def atomic_write_text(target: Path, text: str) -> None:
-    """Replace `target` with `text` so that readers see the old or the new content, never a mix."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -36,7 +36,8 @@ from typing import Any
 
 from miles.checkpoint import ranks, rng
 from miles.checkpoint.layout import commit, resume_candidates, tmp_dir
-from miles.checkpoint.manifest import atomic_write_text, read_manifest, sha256_text, verify
+from miles.atomic_file import atomic_write_text
+from miles.checkpoint.manifest import read_manifest, sha256_text, verify
 from miles.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,6 @@ import difflib
 import logging
 import os
 import re
-import tempfile
 import types
 import typing
 from functools import cache
@@ -30,6 +29,7 @@ from typing import Any, Sequence
 import yaml
 
 from miles.config.plugins import validate_plugins
+from miles.atomic_file import atomic_write_text
 from miles.config.run_config import RunConfig
 from miles.errors import ConfigError
 
@@ -342,15 +342,6 @@ def write_resolved_config(cfg: RunConfig, run_dir: Path) -> Path:
     target = run_dir / RESOLVED_CONFIG_NAME
     header = "# Resolved Miles config: every key, with defaults and derived batch sizes.\n"
     header += f"# Reload with miles.config.loader.load_config({str(target)!r}).\n"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{RESOLVED_CONFIG_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(header + config_to_yaml(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, header + config_to_yaml(cfg))
     logger.info("wrote resolved config %s", target)
     return target

@@ -12,10 +12,11 @@ Generation is a pure function of (task, num, seed), so the same command always w
 
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
+
+from miles.atomic_file import atomic_write_text
 
 REPEAT_WORDS = ("yes", "no", "hello", "world", "one", "two", "three", "answer")
 
@@ -50,12 +51,7 @@ TASKS = {"arithmetic": arithmetic_rows, "repeat": repeat_rows, "repeat-sft": rep
 def write_jsonl(rows: list[dict], out: Path) -> Path:
     """Write rows atomically (temp file + rename), so a crash never leaves half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> int:
