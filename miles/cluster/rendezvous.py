@@ -16,11 +16,11 @@ or from `dist_env_from_mpi` (rank and size from MPI.COMM_WORLD; rank 0 broadcast
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from miles.atomic_file import atomic_write_text
 from miles.cluster.roles import JobPorts
 from miles.cluster.slurm_env import SlurmEnv
 
@@ -77,14 +77,7 @@ class Rendezvous:
         self.dir.mkdir(parents=True, exist_ok=True)
         record = {"name": name, "host": host, "port": port, "node": node, "pid": os.getpid() if pid is None else pid,
                   "job_id": self.job_id, "restart": self.restart}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
-            os.replace(tmp, self.path(name))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(self.path(name), json.dumps(record))
         logger.info("published %s = %s:%d", name, host, port)
         return self.path(name)
 
