@@ -47,10 +47,22 @@ def init_custom_process_group(
     store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     store = c10d.PrefixStore(group_name, store)
-    pg, _ = c10d._new_process_group_helper(
-        world_size, rank, [], c10d.Backend(backend), store,
-        group_name=group_name, timeout=timeout,
-    )
+    # With a default NCCL group bound to a device (the trainer's, init_process_group(device_id=...)),
+    # torch builds new NCCL groups by ncclCommSplit of the default communicator; the engines are not
+    # in that communicator and wait forever for the unique id in the store. Unbinding the default
+    # group for this one call makes torch exchange the id through our store, as SGLang expects.
+    default_pg = c10d._world.default_pg
+    bound_device = default_pg.bound_device_id if default_pg is not None else None
+    if bound_device is not None:
+        default_pg.bound_device_id = None
+    try:
+        pg, _ = c10d._new_process_group_helper(
+            world_size, rank, [], c10d.Backend(backend), store,
+            group_name=group_name, timeout=timeout,
+        )
+    finally:
+        if bound_device is not None:
+            default_pg.bound_device_id = bound_device
     # Collectives translate src/dst through this map; global rank == group rank here.
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     logger.info("joined process group %r as rank %d/%d via %s (%s)", group_name, rank, world_size, init_method, backend)

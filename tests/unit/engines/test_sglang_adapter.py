@@ -185,10 +185,7 @@ def test_stop_ends_the_whole_process_group(tmp_path):
     child = int(child_pid_file.read_text())
     assert os.getpgid(child) == server.pid  # same group as the server process
     assert server.stop(timeout_s=10) == -15
-    deadline = time.monotonic() + 10
-    while _alive(child):
-        assert time.monotonic() < deadline, f"child {child} survived stop()"
-        time.sleep(0.05)
+    assert not _alive(child), f"child {child} survived stop()"  # stop() returns once the group is gone
 
 
 def _alive(pid: int) -> bool:
@@ -223,6 +220,6 @@ def test_local_rollout_starts_sglang_and_cleans_up_when_it_fails(tmp_path):
         rollout.__enter__()
     assert "No module named 'sglang'" in str(err.value)
     assert rollout.engines == [] and rollout.router is None
-    log0 = (tmp_path / "run" / "logs" / "engine0.log").read_text()
-    log1 = (tmp_path / "run" / "logs" / "engine1.log").read_text()
-    assert "No module named 'sglang'" in log0 and "No module named 'sglang'" in log1
+    assert "No module named 'sglang'" in (tmp_path / "run" / "logs" / "engine0.log").read_text()
+    assert (tmp_path / "run" / "logs" / "engine1.log").is_file()  # both were launched (engine 1 may be stopped
+    # before it got as far as failing: the first failure stops everything)
