@@ -41,8 +41,9 @@ def sbatch_lines(cfg, layout: HetLayout, submitit_dir: str | None) -> list[str]:
     group0 = [f"--job-name={cfg.run.name}", f"--nodes={layout.nodes_rollout}",
               f"--ntasks-per-node={layout.engine_tasks_per_node}", *gpus, *common]
     if submitit_dir is not None:  # submitit's log paths, so job.stdout()/job.stderr() work
-        group0 += [f"--output={submitit_dir}/%j_0_log.out", f"--error={submitit_dir}/%j_0_log.err",
-                   "--open-mode=append"]
+        group0 += [f"--output={submitit_dir}/%j_0_log.out", f"--error={submitit_dir}/%j_0_log.err"]
+    ck = cfg.checkpoint  # preemption: the signal goes to the batch shell (B:), which asks the trainer to save
+    group0 += [f"--signal=B:{ck.preempt_signal}@{ck.preempt_grace_s}", "--requeue", "--open-mode=append"]
     group0 += [line.strip() for line in c.sbatch_extra]
     group1 = [f"--nodes={layout.nodes_train}", f"--ntasks-per-node={layout.trainers_per_node}", *gpus, *common]
     return [*(f"#SBATCH {o}" for o in group0), "#SBATCH hetjob", *(f"#SBATCH {o}" for o in group1)]

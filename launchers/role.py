@@ -12,7 +12,8 @@
 
 sbatch/miles-het.sbatch starts these steps; srun writes each task's output to
 <run_dir>/logs/<group>-<rank>.r<restart>.log (rollout-0, rollout-router, train-1, ...).
-Exit status: 0 done, 2 bad config or a feature Miles lacks, 1 anything else (traceback in the log).
+Exit status: 0 done, 2 bad config or a feature Miles lacks, 75 trainer stopped on request after saving
+(preemption, time limit: the batch script decides whether to requeue), 1 anything else (traceback in the log).
 """
 
 import argparse
@@ -68,11 +69,14 @@ def plan(cfg, slurm: SlurmEnv) -> int:
     if missing:
         raise ConfigError("this recipe needs pieces Miles does not have yet:\n  - " + "\n  - ".join(missing))
     layout = HetLayout.from_config(cfg)
+    ck = cfg.checkpoint
     values = {
         "RUN_DIR": _run_dir(cfg), "ENGINE_TASKS": layout.engine_tasks,
         "ENGINE_TASKS_PER_NODE": layout.engine_tasks_per_node, "ENGINE_GPUS_PER_TASK": layout.engine_gpus_per_task,
         "TRAIN_TASKS": layout.train_tasks, "TRAIN_TASKS_PER_NODE": layout.trainers_per_node,
         "SRUN_MPI": cfg.cluster.srun_mpi if cfg.cluster.bootstrap == "mpi" else "none",
+        "PREEMPT_SIGNAL": ck.preempt_signal, "PREEMPT_GRACE_S": ck.preempt_grace_s,
+        "REQUEUE_ON_PREEMPTION": int(ck.requeue_on_preemption), "MAX_TIMEOUT_REQUEUES": ck.max_timeout_requeues,
     }
     sys.stdout.write("".join(f"{k}={shlex.quote(str(v))}\n" for k, v in values.items()))
     return 0
@@ -153,9 +157,14 @@ def trainer(cfg, slurm: SlurmEnv, bootstrap: str) -> int:
         trainer_name(rank), slurm.node_addr(), int(env["MASTER_PORT"]), node=slurm.node_name)
     logger.info("trainer rank %d of %s on %s, pid %d, master %s:%s (bootstrap %s)", rank, env["WORLD_SIZE"],
                 slurm.node_name, os.getpid(), env["MASTER_ADDR"], env["MASTER_PORT"], bootstrap)
+    from miles.checkpoint.preemption import EXIT_PREEMPTED, Preempted
     from miles.driver import train
 
-    train(cfg)
+    try:
+        train(cfg)  # stop requests: the batch script's <run_dir>/PREEMPT file
+    except Preempted as exc:
+        logger.info("trainer rank %d: %s; exiting with %d", rank, exc, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     logger.info("trainer rank %d finished", rank)
     return 0
 

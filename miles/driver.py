@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from miles.algo.advantages import compute_advantages
 from miles.algo.kl import kl_estimate
+from miles.checkpoint.preemption import EXIT_PREEMPTED, Preempted, StopRequest, TrainedSampleLog, pause_for_test
 from miles.config.loader import load_config, run_dir, write_resolved_config
 from miles.config.plugins import resolve_plugins
 from miles.config.run_config import RunConfig
@@ -36,8 +37,12 @@ from miles.weight_sync.syncer import WeightSyncer
 logger = logging.getLogger("miles.driver")
 
 
-def train(cfg: RunConfig) -> list[dict]:
-    """Run cfg.run.num_steps RL steps; return the controller's metrics per step."""
+def train(cfg: RunConfig, stop: StopRequest | None = None) -> list[dict]:
+    """Run cfg.run.num_steps RL steps; return the controller's metrics per step.
+
+    A stop request (`stop`: signal flag or <run_dir>/PREEMPT) is honoured at the next step
+    boundary: the step in flight finishes, a checkpoint is committed, and Preempted is raised.
+    """
     from transformers import AutoTokenizer
     from tqdm import tqdm
 
@@ -48,6 +53,8 @@ def train(cfg: RunConfig) -> list[dict]:
         from miles.trainer.cpu_compat import apply_cpu_compat
 
         apply_cpu_compat()
+    else:  # NCCL's cuMem allocator breaks the weight-update group with SGLang (docs/gpu.md)
+        os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
     parallel = init_parallel(tp_size=cfg.trainer.tensor_model_parallel_size, seed=cfg.run.seed)
     controller = parallel.rank == 0
     out_dir = run_dir(cfg)
@@ -58,6 +65,9 @@ def train(cfg: RunConfig) -> list[dict]:
     actor = MegatronActor(cfg.model.path, cfg.trainer, cfg.algo, parallel)
     metrics = MetricsLogger(out_dir) if controller else NullMetricsLogger()
     history: list[dict] = []
+    stop = stop or StopRequest(out_dir)
+    trained_log = TrainedSampleLog(out_dir)
+    stopped: Preempted | None = None
 
     with (_rollout_group(cfg, out_dir) if controller else nullcontext()) as rollout:
         engine_urls = _broadcast(rollout.engine_urls if controller else None)
@@ -68,6 +78,9 @@ def train(cfg: RunConfig) -> list[dict]:
 
         ckpt_root = cfg.checkpoint.resolve_dir(out_dir)
         start_step, rl_state = _resume(cfg, ckpt_root, actor)
+        saved_at = start_step
+        if controller:
+            trained_log.rewind(start_step)
         if start_step:  # the engines started from model.path: give them the resumed weights
             if controller:
                 prompts.load_state_dict(rl_state["data"])
@@ -78,12 +91,21 @@ def train(cfg: RunConfig) -> list[dict]:
 
         for step in tqdm(range(start_step, cfg.run.num_steps), desc="rl steps", disable=not controller,
                          initial=start_step, total=cfg.run.num_steps):
+            reason = stop.requested()
+            if reason:  # a step boundary: the checkpoint holds whole steps only
+                if step > saved_at:  # step 0: nothing to keep, the restart starts over
+                    _save(cfg, ckpt_root, step, actor, prompts)
+                stop.clear()
+                stopped = Preempted(step, reason)
+                break
             timer = PhaseTimer()
             with timer.phase("rollout"):
+                pause_for_test("rollout", step, out_dir, stop)
                 samples, rollout_metrics = _broadcast(_collect_batch(cfg, client, prompts) if controller else None)
             step_metrics = dict(rollout_metrics)
             if samples:
                 with timer.phase("train"):
+                    pause_for_test("train", step, out_dir, stop)
                     temperature = cfg.rollout.temperature
                     old_logprobs = actor.compute_logprobs(samples, temperature)
                     ref_logprobs = actor.compute_ref_logprobs(samples, temperature) if actor.needs_reference else None
@@ -92,7 +114,10 @@ def train(cfg: RunConfig) -> list[dict]:
                     step_metrics |= actor.train_rl(samples, advantages, old_logprobs,
                                                    [torch.tensor(s.rollout_logprobs) for s in samples],
                                                    ref_logprobs=ref_logprobs, temperature=temperature)
+                if controller:
+                    trained_log.append(step, [s.sample_id for s in samples])
                 with timer.phase("sync"):
+                    pause_for_test("sync", step, out_dir, stop)
                     step_metrics |= sync.push(actor.export_hf_weights(), f"step-{step + 1}")
             else:
                 logger.warning("step %d: every group was filtered out; no update this step", step)
@@ -101,8 +126,15 @@ def train(cfg: RunConfig) -> list[dict]:
             history.append({"step": step, **step_metrics})
             if controller:
                 logger.info("step %d: %s", step, _summary(step_metrics))
-            _maybe_save(cfg, ckpt_root, out_dir, step + 1, actor, prompts)
+            if _maybe_save(cfg, ckpt_root, out_dir, step + 1, actor, prompts, stop):
+                saved_at = step + 1
         sync.close()
+    if stopped is None:
+        stop.clear()  # a request that came during the last step: nothing is left to stop
+    else:
+        metrics.close()
+        teardown_parallel()
+        raise stopped
     digest = _weights_digest(actor)
     if controller:  # lets an operator (and the resume tests) compare two runs' final weights
         (out_dir / "final_weights.sha256").write_text(digest + "\n")
@@ -141,22 +173,30 @@ def _resume(cfg: RunConfig, ckpt_root, actor) -> tuple[int, dict]:
     return step, rl_state
 
 
-def _maybe_save(cfg: RunConfig, ckpt_root, out_dir, completed: int, actor, prompts) -> None:
-    """Save when the interval is due, at the last step (if saving is on), or when the sentinel exists.
-    Collective: every rank decides the same way (save_requested agrees across ranks)."""
+def _maybe_save(cfg: RunConfig, ckpt_root, out_dir, completed: int, actor, prompts, stop: StopRequest) -> bool:
+    """Save when the interval is due, at the last step (if saving is on), or when the sentinel exists;
+    return whether it saved. Collective: every rank decides the same way (save_requested agrees)."""
     from miles.checkpoint.sentinel import clear_sentinel, save_requested
-    from miles.checkpoint.store import save_checkpoint
-    from miles.config.loader import config_to_yaml
 
     sentinel = cfg.checkpoint.sentinel_path(out_dir)
     forced = sentinel is not None and save_requested(sentinel)
     final = cfg.checkpoint.save_interval > 0 and completed == cfg.run.num_steps
     if not (forced or final or cfg.checkpoint.is_due(completed)):
-        return
-    rl_state = {"step": completed, "data": prompts.state_dict() if prompts is not None else None}
-    save_checkpoint(ckpt_root, completed, actor, rl_state, config_to_yaml(cfg), keep_last=cfg.checkpoint.keep_last)
+        return False
+    pause_for_test("save", completed - 1, out_dir, stop)
+    _save(cfg, ckpt_root, completed, actor, prompts)
     if forced:
         clear_sentinel(sentinel)
+    return True
+
+
+def _save(cfg: RunConfig, ckpt_root, completed: int, actor, prompts) -> None:
+    """Collective: checkpoint after `completed` RL steps (model, optimizer, RNG, data cursor, config)."""
+    from miles.checkpoint.store import save_checkpoint
+    from miles.config.loader import config_to_yaml
+
+    rl_state = {"step": completed, "data": prompts.state_dict() if prompts is not None else None}
+    save_checkpoint(ckpt_root, completed, actor, rl_state, config_to_yaml(cfg), keep_last=cfg.checkpoint.keep_last)
 
 
 def _weights_digest(actor) -> str:
@@ -251,10 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     _default_single_process_env()
     try:
         cfg = load_config(args.recipe, args.overrides)
-        train(cfg)
+        stop = StopRequest(run_dir(cfg))
+        stop.install_signal_handlers()  # SIGUSR1/SIGTERM: save at the next step boundary, exit 75
+        train(cfg, stop)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        logger.info("%s; exiting with %d (run the same command again to continue)", exc, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -27,7 +27,25 @@ class CheckpointConfig:
     folder has none); false = always start from model.path (give such a run a fresh checkpoint.dir:
     checkpoints newer than its own are left alone but never resumed from)."""
 
+    preempt_signal: str = "USR1"
+    """Signal Slurm sends the batch shell `preempt_grace_s` before the time limit and on preemption
+    (#SBATCH --signal=B:<SIG>@<grace>): USR1 or USR2. The batch script turns it into a stop request."""
+    preempt_grace_s: int = 120
+    """Seconds between that signal and the kill. Must cover finishing the current RL step plus one save."""
+    requeue_on_preemption: bool = True
+    """After a preemption signal (or `scancel --signal=<SIG> --batch`): save, then `scontrol requeue`."""
+    max_timeout_requeues: int = 3
+    """After the time-limit signal: save, then requeue, at most this many times per job (0 = a time
+    limit ends the job after the save). docs/preemption.md says how a timeout is told from a preemption."""
+
     def __post_init__(self) -> None:
+        if self.preempt_signal not in ("USR1", "USR2"):
+            raise ConfigError(f"checkpoint.preempt_signal must be USR1 or USR2 (Slurm uses TERM to kill), "
+                              f"got {self.preempt_signal!r}")
+        if self.preempt_grace_s < 1:
+            raise ConfigError(f"checkpoint.preempt_grace_s must be >= 1, got {self.preempt_grace_s}")
+        if self.max_timeout_requeues < 0:
+            raise ConfigError(f"checkpoint.max_timeout_requeues must be >= 0, got {self.max_timeout_requeues}")
         if self.save_interval < 0:
             raise ConfigError(f"checkpoint.save_interval must be >= 0 (0 = only on demand), got {self.save_interval}")
         if self.keep_last < 1:
