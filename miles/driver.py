@@ -103,24 +103,14 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> list[dict]:
                 pause_for_test("rollout", step, out_dir, stop)
                 samples, rollout_metrics = _broadcast(_collect_batch(cfg, client, prompts) if controller else None)
             step_metrics = dict(rollout_metrics)
-            if samples:
-                with timer.phase("train"):
-                    pause_for_test("train", step, out_dir, stop)
-                    temperature = cfg.rollout.temperature
-                    old_logprobs = actor.compute_logprobs(samples, temperature)
-                    ref_logprobs = actor.compute_ref_logprobs(samples, temperature) if actor.needs_reference else None
-                    step_metrics |= train_infer_mismatch([s.rollout_logprobs for s in samples], old_logprobs)
-                    advantages = _advantages(cfg, samples, old_logprobs, ref_logprobs)
-                    step_metrics |= actor.train_rl(samples, advantages, old_logprobs,
-                                                   [torch.tensor(s.rollout_logprobs) for s in samples],
-                                                   ref_logprobs=ref_logprobs, temperature=temperature)
-                if controller:
-                    trained_log.append(step, [s.sample_id for s in samples])
-                with timer.phase("sync"):
-                    pause_for_test("sync", step, out_dir, stop)
-                    step_metrics |= sync.push(actor.export_hf_weights(), f"step-{step + 1}")
-            else:
-                logger.warning("step %d: every group was filtered out; no update this step", step)
+            with timer.phase("train"):
+                pause_for_test("train", step, out_dir, stop)
+                step_metrics |= _train_on(cfg, actor, samples)
+            if controller:
+                trained_log.append(step, [s.sample_id for s in samples])
+            with timer.phase("sync"):
+                pause_for_test("sync", step, out_dir, stop)
+                step_metrics |= sync.push(actor.export_hf_weights(), f"step-{step + 1}")
             step_metrics |= timer.metrics()
             metrics.log(step, step_metrics)
             history.append({"step": step, **step_metrics})
@@ -237,6 +227,19 @@ def _sft_warmup(cfg: RunConfig, actor, tokenizer, metrics) -> None:
         result = actor.train_sft(batch, lr=cfg.sft.lr)
         metrics.log(i - cfg.sft.steps, {f"sft/{k.split('/')[-1]}": v for k, v in result.items()})
     logger.info("SFT warm-up: %d steps, last loss %.4f", cfg.sft.steps, result.get("train/loss", float("nan")))
+
+
+def _train_on(cfg: RunConfig, actor, samples: list[Sample]) -> dict[str, float]:
+    """One rollout batch through the actor: old (and reference) logprobs, the train-infer
+    mismatch, advantages, then trainer.num_steps_per_rollout optimizer steps."""
+    temperature = cfg.rollout.temperature
+    old_logprobs = actor.compute_logprobs(samples, temperature)
+    ref_logprobs = actor.compute_ref_logprobs(samples, temperature) if actor.needs_reference else None
+    metrics = train_infer_mismatch([s.rollout_logprobs for s in samples], old_logprobs)
+    advantages = _advantages(cfg, samples, old_logprobs, ref_logprobs)
+    rollout_logprobs = [torch.tensor(s.rollout_logprobs) for s in samples]
+    return metrics | actor.train_rl(samples, advantages, old_logprobs, rollout_logprobs,
+                                    ref_logprobs=ref_logprobs, temperature=temperature)
 
 
 def _advantages(cfg: RunConfig, samples: list[Sample], old_logprobs: list[torch.Tensor],
