@@ -1,4 +1,4 @@
-"""Exact HF <-> Megatron weight conversion for Qwen3 dense, including tensor-parallel shards.
+"""Exact HF <-> Megatron weight conversion for Qwen3 dense and Qwen3-MoE, with TP and EP shards.
 
 Megatron layout (local layer spec, see model_provider), per TP rank r of T:
 
@@ -9,6 +9,10 @@ Megatron layout (local layer spec, see model_provider), per TP rank r of T:
 - `linear_proj` / `linear_fc2` (row parallel): columns of rank r.
 - `word_embeddings` / `output_layer` (vocab parallel): vocab rows of rank r.
 - norms (input, pre-MLP, q/k, final): replicated.
+- MoE layers (TP = 1): `mlp.router.weight` [E, hidden] = HF `mlp.gate.weight` (replicated);
+  `mlp.experts.local_experts.j.linear_fc1.weight` = [gate; up] and `.linear_fc2.weight` = down of
+  global expert `ep_rank * E/EP + j` (HF `mlp.experts.<g>.{gate,up,down}_proj.weight`): each EP
+  rank holds a contiguous block of experts, and `megatron_to_hf` on it yields only those.
 
 Every transform is a slice, concatenation or reshape, so HF -> Megatron -> HF is bit-exact.
 `megatron_to_hf` is what weight sync streams: it all-gathers TP shards of each parameter (in
@@ -47,7 +51,16 @@ _LAYER_RULES = {  # megatron suffix -> (kind, HF suffixes), both under the layer
     "mlp.linear_fc1.weight": (_GATE_UP, ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     "mlp.linear_fc2.weight": (_ROW, ("mlp.down_proj.weight",)),
 }
+_MOE_LAYER_RULES = {  # an MoE layer: the dense rules minus the MLP, plus the router
+    **{k: v for k, v in _LAYER_RULES.items() if not k.startswith("mlp.")},
+    "mlp.router.weight": (_REPLICATED, ("mlp.gate.weight",)),
+}
+_EXPERT_RULES = {  # local expert suffix -> (kind, HF suffixes under mlp.experts.<global expert>.)
+    "linear_fc1.weight": (_GATE_UP, ("gate_proj.weight", "up_proj.weight")),
+    "linear_fc2.weight": (_ROW, ("down_proj.weight",)),
+}
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT_NAME = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
 def _tied(hf_config: Any) -> bool:
@@ -58,22 +71,38 @@ def _head_dim(hf_config: Any) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
-def _rule(megatron_name: str) -> tuple[str, tuple[str, ...]]:
-    """(kind, HF names) of one Megatron parameter name."""
+def _num_experts(hf_config: Any) -> int:
+    from miles.trainer.model_provider import is_moe
+
+    return hf_config.num_experts if is_moe(hf_config) else 0
+
+
+def _rule(megatron_name: str, hf_config: Any, ep_rank: int = 0, ep_size: int = 1) -> tuple[str, tuple[str, ...]]:
+    """(kind, HF names) of one Megatron parameter name (local experts of EP rank `ep_rank`)."""
     if megatron_name in _GLOBAL_RULES:
         return _GLOBAL_RULES[megatron_name]
     match = _LAYER_NAME.match(megatron_name)
-    if match is None or match.group(2) not in _LAYER_RULES:
+    num_experts = _num_experts(hf_config)
+    rules = _MOE_LAYER_RULES if num_experts else _LAYER_RULES
+    if match is not None and match.group(2) in rules:
+        kind, suffixes = rules[match.group(2)]
+        return kind, tuple(f"model.layers.{match.group(1)}.{s}" for s in suffixes)
+    expert = _EXPERT_NAME.match(match.group(2)) if match is not None and num_experts else None
+    if expert is None or expert.group(2) not in _EXPERT_RULES or int(expert.group(1)) >= num_experts // ep_size:
         raise KeyError(f"no HF mapping for Megatron parameter {megatron_name!r}")
-    kind, suffixes = _LAYER_RULES[match.group(2)]
-    return kind, tuple(f"model.layers.{match.group(1)}.{s}" for s in suffixes)
+    kind, suffixes = _EXPERT_RULES[expert.group(2)]
+    global_expert = ep_rank * (num_experts // ep_size) + int(expert.group(1))
+    return kind, tuple(f"model.layers.{match.group(1)}.mlp.experts.{global_expert}.{s}" for s in suffixes)
 
 
-def megatron_names(hf_config: Any) -> list[str]:
-    """All Megatron parameter names of the model, in a fixed order."""
+def megatron_names(hf_config: Any, ep_size: int = 1) -> list[str]:
+    """All Megatron parameter names of the model on one rank (local expert names), in a fixed order."""
+    num_experts = _num_experts(hf_config)
     names = ["embedding.word_embeddings.weight"]
     for i in range(hf_config.num_hidden_layers):
-        names += [f"decoder.layers.{i}.{suffix}" for suffix in _LAYER_RULES]
+        names += [f"decoder.layers.{i}.{suffix}" for suffix in (_MOE_LAYER_RULES if num_experts else _LAYER_RULES)]
+        for j in range(num_experts // ep_size):
+            names += [f"decoder.layers.{i}.mlp.experts.local_experts.{j}.{suffix}" for suffix in _EXPERT_RULES]
     names.append("decoder.final_layernorm.weight")
     if not _tied(hf_config):
         names.append("output_layer.weight")
@@ -130,24 +159,28 @@ def _merge(kind: str, shards: list[torch.Tensor], hf_config: Any) -> tuple[torch
 
 def hf_to_megatron(
     hf_state_dict: dict[str, torch.Tensor], hf_config: Any, tp_rank: int = 0, tp_size: int = 1,
+    ep_rank: int = 0, ep_size: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """This TP rank's Megatron shards (contiguous copies) of an HF state dict.
+    """This TP/EP rank's Megatron shards (contiguous copies) of an HF state dict.
 
-    Raises ConfigError if the HF state dict lacks a weight or has one this converter ignores.
+    Raises ConfigError if the HF state dict lacks a weight or has one this converter ignores
+    (the experts of other EP ranks count as used).
     """
     from miles.trainer.model_provider import check_hf_config
 
-    check_hf_config(hf_config, tp_size)
+    check_hf_config(hf_config, tp_size, ep_size)
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} is outside [0, {tp_size})")
-    used: set[str] = set()
+    if not 0 <= ep_rank < ep_size:
+        raise ValueError(f"ep_rank {ep_rank} is outside [0, {ep_size})")
+    names = megatron_names(hf_config, ep_size)
+    used = {n for r in range(ep_size) for name in names for n in _rule(name, hf_config, r, ep_size)[1]}
     out = {}
-    for name in megatron_names(hf_config):
-        kind, hf_names = _rule(name)
+    for name in names:
+        kind, hf_names = _rule(name, hf_config, ep_rank, ep_size)
         missing = [n for n in hf_names if n not in hf_state_dict]
         if missing:
             raise ConfigError(f"HF checkpoint lacks {missing} (needed for Megatron {name})")
-        used.update(hf_names)
         tensors = [hf_state_dict[n] for n in hf_names]
         out[name] = _shard(kind, tensors, hf_config, tp_rank, tp_size).contiguous().clone()
     ignored = set(hf_state_dict) - used
@@ -167,8 +200,12 @@ def _strip_wrappers(name: str) -> str:
 
 def megatron_to_hf(
     named_params: Iterable[tuple[str, torch.Tensor]], hf_config: Any, tp_size: int = 1, gather: Gather | None = None,
+    ep_rank: int = 0, ep_size: int = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, full tensor) for each Megatron (name, local shard), gathering TP shards.
+
+    With EP, local experts are named by their global index (`ep_rank`'s block): the caller
+    collects the other EP ranks' experts (each rank yields only its own).
 
     `gather` is called only for TP-sharded parameters and must return the shards of all TP ranks
     in rank order (`tp_all_gather()` for real ranks). Every TP rank must iterate the same names
@@ -179,7 +216,7 @@ def megatron_to_hf(
         raise ValueError("megatron_to_hf with tp_size > 1 needs a gather function")
     for raw_name, tensor in named_params:
         name = _strip_wrappers(raw_name)
-        kind, hf_names = _rule(name)
+        kind, hf_names = _rule(name, hf_config, ep_rank, ep_size)
         tensor = tensor.detach()
         shards = gather(name, tensor) if tp_size > 1 and kind != _REPLICATED else [tensor]
         assert len(shards) == (1 if kind == _REPLICATED else tp_size), (name, len(shards))
@@ -235,8 +272,11 @@ def copy_into_model(model: torch.nn.Module, megatron_state: dict[str, torch.Tens
 
 
 def load_hf_weights(model: torch.nn.Module, hf_state_dict: dict[str, torch.Tensor], hf_config: Any) -> None:
-    """Load an HF state dict into this rank's model shards (TP rank/size from megatron's state)."""
+    """Load an HF state dict into this rank's model shards (TP/EP rank and size from megatron's state)."""
     from megatron.core import parallel_state as mpu
 
     tp_rank, tp_size = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
-    copy_into_model(model, hf_to_megatron(hf_state_dict, hf_config, tp_rank, tp_size))
+    ep_rank, ep_size = 0, 1
+    if _num_experts(hf_config):
+        ep_rank, ep_size = mpu.get_expert_model_parallel_rank(), mpu.get_expert_model_parallel_world_size()
+    copy_into_model(model, hf_to_megatron(hf_state_dict, hf_config, tp_rank, tp_size, ep_rank, ep_size))

@@ -14,6 +14,10 @@ Rows can join a running batch (`merge`: the shorter cache is left-padded) and le
 The KV cache is transformers' DynamicCache; we edit its per-layer `keys`/`values` tensors
 directly for merge and trim (transformers 5.x layout [B, H, L, D]; `_layers` checks it).
 
+With `capture_routing`, every prefill/decode also leaves the top-k experts of each fed token in
+`last_routed` (see `routing.py`): after prefill a list with one [p_i, Y, K] tensor per row (its
+real tokens only, left padding dropped), after decode one [B, Y, K] tensor (row i = row i).
+
 Only the scheduler's worker thread calls into this object.
 """
 
@@ -23,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from miles.engines.embedded.routing import RouterCapture
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ class Batch:
 class ModelRunner:
     """Loads an HF checkpoint and runs prefill / decode steps over a `Batch`."""
 
-    def __init__(self, model_path: str | Path, dtype: str = "float32"):
+    def __init__(self, model_path: str | Path, dtype: str = "float32", capture_routing: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if dtype not in DTYPES:
@@ -65,6 +71,8 @@ class ModelRunner:
         self.eos_ids = _eos_ids(self.model)
         self.context_length = int(getattr(self.config, "max_position_embeddings", 1 << 30))
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.routing = RouterCapture(self.model) if capture_routing else None
+        self.last_routed: list[torch.Tensor] | torch.Tensor | None = None
         logger.info(
             "loaded %s (%s, %d params, dtype %s, eos %s, context %d)", self.model_path,
             type(self.model).__name__, self.num_params, dtype, sorted(self.eos_ids), self.context_length,
@@ -88,6 +96,9 @@ class ModelRunner:
             cache=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1,
         )
         batch = Batch(cache=out.cache, mask_BL=mask_BL, next_pos_B=mask_BL.sum(dim=1))
+        if self.routing is not None:
+            idx_BLYK = self.routing.take(B * L).view(B, L, self.routing.num_layers, self.routing.top_k)
+            self.last_routed = [idx_BLYK[i, L - len(p):] for i, p in enumerate(prompts)]
         return batch, out.logits[:, -1].float().cpu()
 
     @torch.inference_mode()
@@ -102,6 +113,8 @@ class ModelRunner:
         )
         batch.cache = out.cache
         batch.next_pos_B = batch.next_pos_B + 1
+        if self.routing is not None:
+            self.last_routed = self.routing.take(batch.size)
         return out.logits[:, -1].float().cpu()
 
     # -- batch surgery -------------------------------------------------------------------------

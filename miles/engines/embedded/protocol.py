@@ -3,12 +3,14 @@
 Request: `input_ids` (list[int], or list[list[int]] for a batch) or `text` (str or list[str]),
 exactly one of them; `sampling_params` (dict, or one dict per batch item); `rid` (str or list);
 `return_logprob` (bool or list); `logprob_start_len` (only -1: no prompt logprobs);
-`return_text_in_logprobs`. Other SGLang fields are accepted only at their "off" value; anything
-else is a 400 naming the field.
+`return_text_in_logprobs`; `return_routed_experts` (bool or list; needs a server started with
+`--enable-return-routed-experts`, else 400) and `routed_experts_start_len` (int in [0, prompt_len]).
+Other SGLang fields are accepted only at their "off" value; anything else is a 400 naming the field.
 
 Response (a list for the batch form):
   {"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens", "completion_tokens",
-   "cached_tokens": 0, "weight_version", "e2e_latency", "output_token_logprobs" (if asked)}}
+   "cached_tokens": 0, "weight_version", "e2e_latency", "output_token_logprobs" (if asked),
+   "routed_experts" (if asked: base64 of int32 [prompt + completion - 1 - start_len, num_layers, top_k])}}
 output_token_logprobs entries are [logprob, token_id, text_or_null]. A matched stop or EOS token
 IS included in output_ids and in the logprobs (SGLang keeps it in output_ids; its text is dropped
 from "text" unless the tokenizer keeps special tokens).
@@ -17,17 +19,19 @@ from "text" unless the tokenizer keeps special tokens).
 import uuid
 from typing import Any
 
+from miles.engines.embedded.routing import encode_routed_experts
 from miles.engines.embedded.sampling import parse_sampling_params
 from miles.engines.embedded.scheduler import Request
 
 HANDLED_FIELDS = (
     "text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len", "return_text_in_logprobs",
+    "return_routed_experts", "routed_experts_start_len",
 )
 """Top-level /generate fields this engine implements."""
 
 OFF_VALUES: dict[str, tuple] = {
     "stream": (False, None), "top_logprobs_num": (0, None), "token_ids_logprob": (None,),
-    "return_routed_experts": (False, None), "routed_experts_start_len": (0, None), "return_hidden_states": (False, None),
+    "return_hidden_states": (False, None),
     "return_entropy": (False, None), "return_prompt_token_ids": (False, None), "return_sampling_mask": (False, None),
     "lora_path": (None,), "custom_logit_processor": (None,), "session_params": (None,), "input_embeds": (None,),
     "image_data": (None,), "routed_dp_rank": (None,), "data_parallel_rank": (None,), "priority": (None, 0),
@@ -41,8 +45,15 @@ class BadRequest(ValueError):
     """The request body is invalid; the message names the problem (HTTP 400)."""
 
 
-def parse_generate(body: Any, tokenizer, context_length: int, vocab_size: int) -> tuple[list[Request], bool]:
-    """Turn a /generate body into Requests; return (requests, is_batch). Raises BadRequest."""
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"
+
+
+def parse_generate(body: Any, tokenizer, context_length: int, vocab_size: int,
+                   routed_experts_enabled: bool = False) -> tuple[list[Request], bool]:
+    """Turn a /generate body into Requests; return (requests, is_batch). Raises BadRequest.
+
+    routed_experts_enabled: the server captures routing (else return_routed_experts=true is a 400).
+    """
     if not isinstance(body, dict):
         raise BadRequest("the /generate body must be a JSON object")
     for key, value in body.items():
@@ -58,6 +69,10 @@ def parse_generate(body: Any, tokenizer, context_length: int, vocab_size: int) -
     rids = _per_item(body.get("rid"), n, "rid", str, is_batch)
     logprob_flags = _per_item(body.get("return_logprob", False), n, "return_logprob", bool, is_batch)
     start_len = body.get("logprob_start_len", -1)
+    routed_flags = _per_item(body.get("return_routed_experts", False), n, "return_routed_experts", bool, is_batch)
+    routed_starts = _per_item(body.get("routed_experts_start_len", 0), n, "routed_experts_start_len", int, is_batch)
+    if any(routed_flags) and not routed_experts_enabled:
+        raise BadRequest(f"return_routed_experts needs the server to be started with {ROUTED_EXPERTS_FLAG}")
     requests = []
     for i, prompt in enumerate(prompts):
         if logprob_flags[i] and start_len not in (-1, None):
@@ -67,13 +82,17 @@ def parse_generate(body: Any, tokenizer, context_length: int, vocab_size: int) -
             raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
         if len(prompt) >= context_length:
             raise BadRequest(f"the prompt has {len(prompt)} tokens; the context length is {context_length}")
+        routed_start = routed_starts[i] or 0
+        if isinstance(routed_start, bool) or not 0 <= routed_start <= len(prompt):
+            raise BadRequest(f"routed_experts_start_len={routed_start!r} must lie in [0, {len(prompt)}] (the prompt length)")
         try:
             params = parse_sampling_params(params_list[i])
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         requests.append(Request(
             rid=rids[i] if rids[i] is not None else uuid.uuid4().hex, input_ids=prompt, params=params,
-            return_logprob=bool(logprob_flags[i]),
+            return_logprob=bool(logprob_flags[i]), return_routed_experts=bool(routed_flags[i]),
+            routed_experts_start_len=routed_start,
         ))
     return requests, is_batch
 
@@ -137,7 +156,20 @@ def format_response(req: Request, tokenizer, return_text_in_logprobs: bool = Fal
             [lp, tok, tokenizer.decode([tok]) if (return_text_in_logprobs and tokenizer is not None) else None]
             for lp, tok in zip(req.output_logprobs, req.output_ids)
         ]
+    if req.return_routed_experts:
+        meta["routed_experts"] = _routed_experts(req)
     text = ""
     if tokenizer is not None:
         text = tokenizer.decode(req.output_ids, skip_special_tokens=req.params.skip_special_tokens)
     return {"text": text, "output_ids": list(req.output_ids), "meta_info": meta}
+
+
+def _routed_experts(req: Request) -> str:
+    """Base64 int32 [prompt + completion - 1 - start_len, layers, top_k] (every fed position)."""
+    import torch
+
+    idx_TYK = torch.cat(req.routed_chunks) if req.routed_chunks else torch.zeros(0, dtype=torch.int32)
+    fed = len(req.input_ids) + len(req.output_ids) - 1
+    if req.routed_chunks:
+        assert idx_TYK.shape[0] == fed, f"routing of {idx_TYK.shape[0]} positions for {fed} fed tokens"
+    return encode_routed_experts(idx_TYK[req.routed_experts_start_len:])

@@ -57,6 +57,12 @@ class Request:
     abort_message: str | None = None
     """Set (by any thread) to ask the worker to abort this request."""
     sampler: RowSampler | None = None
+    return_routed_experts: bool = False
+    """Keep the top-k experts of every fed token (the engine must capture routing)."""
+    routed_experts_start_len: int = 0
+    """First position whose routing goes into the response."""
+    routed_chunks: list = field(default_factory=list)
+    """int32 [n, layers, top_k] tensors, in position order: the prefill's, then one per decode step."""
 
 
 @dataclass(eq=False)
@@ -259,6 +265,9 @@ class Scheduler:
             return
         logger.debug("admitting %d request(s) into a running batch of %d", len(todo), len(self._rows))
         batch, logits_BV = runner.prefill([r.input_ids + r.output_ids for r in todo])
+        for req, routed in zip(todo, runner.last_routed or ()):
+            if req.return_routed_experts:  # a re-prefill (after retract) recomputes every position
+                req.routed_chunks = [routed]
         tokens, keep = self._sample(todo, logits_BV)
         batch = runner.select(batch, keep)
         if batch is not None:
@@ -270,6 +279,10 @@ class Scheduler:
 
     def _step(self) -> None:
         logits_BV = self.runner.decode(self._batch, self._pending)
+        if self.runner.last_routed is not None:  # before sampling: finishing resolves the future
+            for i, req in enumerate(self._rows):
+                if req.return_routed_experts:
+                    req.routed_chunks.append(self.runner.last_routed[i:i + 1])
         tokens, keep = self._sample(self._rows, logits_BV)
         self._keep(keep, tokens)
 

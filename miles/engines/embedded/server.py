@@ -49,6 +49,8 @@ class EngineArgs:
     num_threads: int = 0
     """torch intra-op threads of the worker; 0 = torch's default (one per core). Use fewer on cores shared
     with other processes: OpenMP threads then stall each other (10-30x slower decode, measured)."""
+    enable_return_routed_experts: bool = False
+    """Capture each token's top-k experts (MoE checkpoints only) so requests may ask for them."""
 
 
 class EngineState:
@@ -70,7 +72,7 @@ class EngineState:
         if self.args.num_threads > 0:
             torch.set_num_threads(self.args.num_threads)
         self.num_threads = torch.get_num_threads()
-        runner = ModelRunner(self.args.model_path, self.args.dtype)
+        runner = ModelRunner(self.args.model_path, self.args.dtype, self.args.enable_return_routed_experts)
         self.tokenizer = load_tokenizer(self.args.model_path)
         self.loader = WeightLoader(runner.model)
         return runner
@@ -114,7 +116,8 @@ async def generate(request: web.Request) -> web.Response:
     try:
         body = await _body(request)
         runner = state.scheduler.runner
-        reqs, is_batch = parse_generate(body, state.tokenizer, runner.context_length, runner.model.config.vocab_size)
+        reqs, is_batch = parse_generate(body, state.tokenizer, runner.context_length, runner.model.config.vocab_size,
+                                        state.args.enable_return_routed_experts)
     except BadRequest as exc:
         return _error(400, str(exc))
     futures = [asyncio.wrap_future(state.scheduler.submit(r)) for r in reqs]
