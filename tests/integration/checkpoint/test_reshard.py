@@ -5,10 +5,6 @@ count, lr-warmup position) must equal the step the TP=2 run took without stoppin
 noise from the different reduction order.
 """
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -16,46 +12,15 @@ import torch
 WORKER = Path(__file__).with_name("reshard_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(mode: str, model: Path, root: Path, out: Path, world_size: int, tp_size: int,
-              timeout_s: float = 240.0) -> tuple[list[dict], list[str]]:
-    """Start world_size worker processes (env:// on a free port); their results and logs."""
-    out.mkdir()
-    port = str(free_port())
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
-               "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
-               "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(model), str(root), str(out),
-                                       str(tp_size)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    try:
-        logs = [p.communicate(timeout=timeout_s)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"{mode} rank {rank} exited with {p.returncode}:\n{log[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(world_size)], logs
-
-
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_tp2_checkpoint_resumes_at_tp1_with_the_same_next_step(tiny_model, tmp_path):
+def test_tp2_checkpoint_resumes_at_tp1_with_the_same_next_step(tiny_model, tmp_path, gloo_ranks):
     root = tmp_path / "checkpoints"
-    saved, save_logs = run_ranks("save", tiny_model, root, tmp_path / "tp2", world_size=2, tp_size=2)
-    (resumed,), (load_log,) = run_ranks("load", tiny_model, root, tmp_path / "tp1", world_size=1, tp_size=1)
+    saved, save_logs = gloo_ranks(WORKER, ["save", tiny_model, root, tmp_path / "tp2", 2], tmp_path / "tp2", 2)
+    (resumed,), (load_log,) = gloo_ranks(WORKER, ["load", tiny_model, root, tmp_path / "tp1", 1], tmp_path / "tp1", 1)
     ckpt = root / "step_00000001"
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_0.pt", "rank_1.pt"]
     assert "saved checkpoint" in save_logs[0]

@@ -7,57 +7,11 @@ finalize_model_grads, the TP-aware grad norm and the TP all-gather of the HF exp
 global normalisers, DDP's gradient averaging and the DP all-gather of log-probs.
 """
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 WORKER = Path(__file__).with_name("train_step_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(checkpoint: Path, out: Path, world_size: int, tp_size: int, timeout_s: float = 240.0) -> list[dict]:
-    """Start world_size worker processes (env:// on a free port) and load their results."""
-    out.mkdir()
-    port = str(free_port())
-    procs = []
-    for rank in range(world_size):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
-               "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1",
-               "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(checkpoint), str(out), str(tp_size)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        logs = [p.communicate(timeout=timeout_s)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{log[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(world_size)]
-
-
-def redrawn_checkpoint(tiny_model: Path, out: Path) -> dict[str, torch.Tensor]:
-    """A copy of the tiny checkpoint with std-0.2 weights, so layout mistakes show in the logits."""
-    shutil.copytree(tiny_model, out)
-    gen = torch.Generator().manual_seed(0)
-    state = {name: (1 + 0.2 * torch.randn(t.shape, generator=gen)) if name.endswith("norm.weight")
-             else 0.2 * torch.randn(t.shape, generator=gen)
-             for name, t in sorted(load_file(str(tiny_model / "model.safetensors")).items())}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return state
 
 
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -71,11 +25,11 @@ def worst_relative_update_error(got: dict, ref: dict, before: dict) -> float:
                for k in before if (ref[k] - before[k]).norm() > 0)
 
 
-def test_one_rl_step_tp2_and_dp2_match_tp1(tiny_model, tmp_path):
+def test_one_rl_step_tp2_and_dp2_match_tp1(tiny_model, tmp_path, gloo_ranks, redrawn_checkpoint):
     original = redrawn_checkpoint(tiny_model, tmp_path / "ckpt")
-    (tp1,) = run_ranks(tmp_path / "ckpt", tmp_path / "tp1", world_size=1, tp_size=1)
-    tp2 = run_ranks(tmp_path / "ckpt", tmp_path / "tp2", world_size=2, tp_size=2)
-    dp2 = run_ranks(tmp_path / "ckpt", tmp_path / "dp2", world_size=2, tp_size=1)
+    (tp1,) = gloo_ranks(WORKER, [tmp_path / "ckpt", tmp_path / "tp1", 1], tmp_path / "tp1", 1)[0]
+    tp2 = gloo_ranks(WORKER, [tmp_path / "ckpt", tmp_path / "tp2", 2], tmp_path / "tp2", 2)[0]
+    dp2 = gloo_ranks(WORKER, [tmp_path / "ckpt", tmp_path / "dp2", 1], tmp_path / "dp2", 2)[0]
     assert [(r["tp_rank"], r["dp_rank"]) for r in tp2] == [(0, 0), (1, 0)]
     assert [(r["tp_rank"], r["dp_rank"]) for r in dp2] == [(0, 0), (0, 1)]
 
