@@ -88,3 +88,22 @@ def _redrawn_checkpoint(src: Path, out: Path, std: float = 0.2) -> dict:
 def redrawn_checkpoint():
     """`redrawn_checkpoint(src, out) -> state dict`: see _redrawn_checkpoint."""
     return _redrawn_checkpoint
+
+
+@pytest.fixture
+def assert_golden(request):
+    """assert_golden(name, actual): compare with golden/<name> next to the test file;
+    UPDATE_GOLDEN=1 rewrites it instead."""
+    import difflib
+
+    golden_dir = Path(request.node.path).parent / "golden"
+
+    def check(name: str, actual: str) -> None:
+        path = golden_dir / name
+        if os.environ.get("UPDATE_GOLDEN") == "1":
+            path.write_text(actual)
+        expected = path.read_text() if path.exists() else ""
+        diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), str(path), "current"))
+        assert not diff, f"{name} changed; if intended, regenerate with UPDATE_GOLDEN=1:\n{diff}"
+
+    return check

@@ -13,12 +13,12 @@ every engine answers /health and the router /readiness (engine.startup_timeout_s
 import logging
 import os
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 from miles.cluster.rendezvous import ROUTER, Rendezvous, engine_name
 from miles.cluster.slurm_env import SlurmEnv
+from miles.engines.process import probe_http
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +39,10 @@ def wait_http_ok(url: str, timeout_s: float, poll_s: float = 0.5) -> None:
     """Poll GET url until it answers 200; EndpointNotReady with the last error after timeout_s."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # cluster-internal: never a proxy
     deadline = time.monotonic() + timeout_s
-    last = "no answer yet"
     while True:
-        try:
-            with opener.open(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-                last = f"HTTP {resp.status}"
-        except urllib.error.HTTPError as exc:
-            last = f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = f"{type(exc).__name__}: {exc}"
+        last = probe_http(opener, url)
+        if last is None:
+            return
         if time.monotonic() >= deadline:
             raise EndpointNotReady(f"{url} not ready after {timeout_s:.0f} s (last: {last})")
         time.sleep(poll_s)

@@ -41,6 +41,17 @@ def _log_tail(path: Path, num_lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(lines[-num_lines:])
 
 
+def probe_http(opener: urllib.request.OpenerDirector, url: str) -> str | None:
+    """GET url once: None when it answers 200, else a short reason ("HTTP 503", "URLError: ...")."""
+    try:
+        with opener.open(url, timeout=5) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 class ServerProcess:
     """One HTTP server running as a child process."""
 
@@ -67,7 +78,6 @@ class ServerProcess:
     def wait_healthy(self, timeout_s: float, path: str = "/health") -> None:
         """Poll GET `path` until it answers 200. Raises ServerStartError if the process exits or time runs out."""
         deadline = time.monotonic() + timeout_s
-        last = "no answer yet"
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local URLs: never via a proxy
         while True:
             code = self._popen.poll()
@@ -76,15 +86,9 @@ class ServerProcess:
                     f"{self.name} (pid {self.pid}) exited with code {code} before {path} was healthy; "
                     f"last lines of {self.log_path}:\n{_log_tail(self.log_path)}"
                 )
-            try:
-                with opener.open(self.url + path, timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-                    last = f"HTTP {resp.status}"
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code}"
-            except (urllib.error.URLError, OSError) as exc:
-                last = f"{type(exc).__name__}: {exc}"
+            last = probe_http(opener, self.url + path)
+            if last is None:
+                return
             if time.monotonic() > deadline:
                 raise ServerStartError(
                     f"{self.name} (pid {self.pid}) not healthy at {self.url}{path} after {timeout_s:.0f} s "

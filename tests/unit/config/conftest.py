@@ -1,7 +1,5 @@
 """Fixtures of the config tests: test plug-points on sys.path, and a recipe writer."""
 
-import difflib
-import os
 import textwrap
 from pathlib import Path
 
@@ -47,16 +45,3 @@ def write_recipe(tmp_path):
     return write
 
 
-@pytest.fixture
-def assert_golden():
-    """assert_golden(name, actual): compare with golden/<name>; UPDATE_GOLDEN=1 rewrites it instead."""
-
-    def check(name: str, actual: str) -> None:
-        path = HERE / "golden" / name
-        if os.environ.get("UPDATE_GOLDEN") == "1":
-            path.write_text(actual)
-        expected = path.read_text() if path.exists() else ""
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), str(path), "current"))
-        assert not diff, f"{name} changed; if intended, regenerate with UPDATE_GOLDEN=1:\n{diff}"
-
-    return check

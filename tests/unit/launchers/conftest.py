@@ -1,6 +1,5 @@
 """Fixtures of the launcher tests: golden files and a runner for `python -m miles.launchers.<tool>`."""
 
-import difflib
 import os
 import subprocess
 import sys
@@ -10,21 +9,6 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
-
-
-@pytest.fixture
-def assert_golden():
-    """assert_golden(name, actual): compare with golden/<name>; UPDATE_GOLDEN=1 rewrites it instead."""
-
-    def check(name: str, actual: str) -> None:
-        path = HERE / "golden" / name
-        if os.environ.get("UPDATE_GOLDEN") == "1":
-            path.write_text(actual)
-        expected = path.read_text() if path.exists() else ""
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), str(path), "current"))
-        assert not diff, f"{name} changed; if intended, regenerate with UPDATE_GOLDEN=1:\n{diff}"
-
-    return check
 
 
 @pytest.fixture
