@@ -91,9 +91,9 @@ def test_quickstart_het_job_completes_two_rl_steps(slurm_cluster, quickstart_arg
 
 
 def test_killed_trainer_rank_ends_the_job_fast_naming_group_and_rank(slurm_cluster, quickstart_args, tmp_path):
-    # 2 fake GPUs per node: 2 engines of 1 GPU on n0, 2 trainer ranks on n1 joined through mpi4py (PMI2)
+    # 2 fake GPUs per node: 2 engines of 1 GPU on n0, 2 trainer ranks on n1 joined through env:// (mpi4py under PMI2 is tested in test_bootstrap.py)
     proc = _submit(tmp_path, *quickstart_args, "--gpus-per-node", "2", "cluster.gpus_per_engine=1",
-                   "--bootstrap", "mpi", "--follow")
+                   "--bootstrap", "env", "--follow")
     rendezvous = tmp_path / "runs" / "quickstart" / "rendezvous" / "train-1.json"
     deadline = time.monotonic() + 120
     while not rendezvous.exists():
