@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from miles.config.run_config import RunConfig
+from miles.engines.config import embedded_engine_args
 from miles.engines.process import ServerProcess, launch_embedded_engine, launch_router
 from miles.engines.sglang import SGLangConfig, launch_local_sglang_engines
 from miles.errors import ConfigError
@@ -59,9 +60,7 @@ class LocalRollout:
             else:
                 for i in range(eng.num_engines):
                     port = eng.base_port + i
-                    args = ["--dtype", eng.dtype, "--max-batch-size", str(eng.max_batch_size),
-                            "--random-seed", str(self.cfg.run.seed + i), "--num-threads", str(eng.num_threads),
-                            *eng.extra_args]
+                    args = embedded_engine_args(eng, self.cfg.run.seed + i, self.cfg.r3.enabled)
                     self.engines.append(launch_embedded_engine(self.cfg.model.path, eng.host, port,
                                                                self.log_dir / f"engine{i}.log", args))
                 for engine in self.engines:

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -55,14 +56,17 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> list[dict]:
         apply_cpu_compat()
     else:  # NCCL's cuMem allocator breaks the weight-update group with SGLang (docs/gpu.md)
         os.environ.setdefault("NCCL_CUMEM_ENABLE", "0")
-    parallel = init_parallel(tp_size=cfg.trainer.tensor_model_parallel_size, seed=cfg.run.seed)
+    parallel = init_parallel(tp_size=cfg.trainer.tensor_model_parallel_size,
+                             ep_size=cfg.trainer.expert_model_parallel_size, seed=cfg.run.seed)
     controller = parallel.rank == 0
     out_dir = run_dir(cfg)
     if controller:
         write_resolved_config(cfg, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     plugins = resolve_plugins(cfg)
-    actor = MegatronActor(cfg.model.path, cfg.trainer, cfg.algo, parallel)
+    dumps = _routing_dumps(cfg)
+    actor = MegatronActor(cfg.model.path, cfg.trainer, cfg.algo, parallel,
+                          routing_source=None if dumps is None else partial(_read_routing, dumps))
     metrics = MetricsLogger(out_dir) if controller else NullMetricsLogger()
     history: list[dict] = []
     stop = stop or StopRequest(out_dir)
@@ -101,7 +105,8 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> list[dict]:
             timer = PhaseTimer()
             with timer.phase("rollout"):
                 pause_for_test("rollout", step, out_dir, stop)
-                samples, rollout_metrics = _broadcast(_collect_batch(cfg, client, prompts) if controller else None)
+                samples, rollout_metrics = _broadcast(
+                    _collect_batch(cfg, client, prompts, _dump_writer(dumps, step, actor)) if controller else None)
             step_metrics = dict(rollout_metrics)
             with timer.phase("train"):
                 pause_for_test("train", step, out_dir, stop)
@@ -111,6 +116,8 @@ def train(cfg: RunConfig, stop: StopRequest | None = None) -> list[dict]:
             with timer.phase("sync"):
                 pause_for_test("sync", step, out_dir, stop)
                 step_metrics |= sync.push(actor.export_hf_weights(), f"step-{step + 1}")
+            if controller and dumps is not None:  # every rank read its dumps before the (collective) sync
+                step_metrics |= _retire_dumps(cfg, dumps, step)
             step_metrics |= timer.metrics()
             metrics.log(step, step_metrics)
             history.append({"step": step, **step_metrics})
@@ -201,15 +208,61 @@ def _weights_digest(actor) -> str:
     return h.hexdigest()
 
 
-def _collect_batch(cfg: RunConfig, client: RolloutClient, prompts: JsonlPromptSource) -> tuple[list[Sample], dict]:
+def _routing_dumps(cfg: RunConfig):
+    """R3's node-local dump store (r3.enabled), else None."""
+    if not cfg.r3.enabled:
+        return None
+    from miles.routing.dump_store import RoutingDumpStore
+
+    store = RoutingDumpStore(cfg.r3.dump_dir)
+    logger.info("R3: routing dumps under %s", store.root)
+    return store
+
+
+def _dump_writer(dumps, step: int, actor):
+    """The step's dump writer (a context manager), or a null context without R3."""
+    if dumps is None:
+        return nullcontext()
+    hf = actor.hf_config
+    return dumps.writer(step, num_layers=hf.num_hidden_layers, top_k=hf.num_experts_per_tok,
+                        num_experts=hf.num_experts)
+
+
+def _read_routing(dumps, samples) -> list:
+    """The engine's routing [T, L, K] of these samples (one trainer rank's micro-batch)."""
+    missing = [s.sample_id for s in samples if not s.routed_experts_ref]
+    if missing:
+        raise RuntimeError(f"R3 is on but samples {missing[:5]} carry no routing dump reference")
+    return dumps.read([s.routed_experts_ref for s in samples],
+                      expected_tokens=[len(s.prompt_tokens) + len(s.response_tokens) - 1 for s in samples])
+
+
+def _retire_dumps(cfg: RunConfig, dumps, step: int) -> dict[str, float]:
+    """Dump size metrics of the trained step; then delete its file (unless r3.keep_dumps)."""
+    path = dumps.path(step)
+    metrics = {"r3/dump_bytes": float(path.stat().st_size), "r3/bytes_per_token": dumps.bytes_per_token(step)}
+    if not cfg.r3.keep_dumps:
+        dumps.delete_step(step)
+    return metrics
+
+
+def _collect_batch(cfg: RunConfig, client: RolloutClient, prompts: JsonlPromptSource,
+                   routing_writer=None) -> tuple[list[Sample], dict]:
     """rollout_batch_size groups: over-sample while the dynamic filter drops groups (up to
-    rollout.max_rounds rounds), then pad with dropped groups, whose advantages are zero."""
+    rollout.max_rounds rounds), then pad with dropped groups, whose advantages are zero.
+    With R3, `routing_writer` (the step's dump writer) receives every sample's routing."""
+    with routing_writer or nullcontext() as sink:
+        return _collect_groups(cfg, client, prompts, sink)
+
+
+def _collect_groups(cfg: RunConfig, client: RolloutClient, prompts: JsonlPromptSource,
+                    sink) -> tuple[list[Sample], dict]:
     want = cfg.rollout.rollout_batch_size
     kept: list[list[Sample]] = []
     spare: list[list[Sample]] = []
     metrics: dict = {}
     for round_ in range(cfg.rollout.max_rounds):
-        batch = client.generate_sync(prompts.next_prompts(want - len(kept)))
+        batch = client.generate_sync(prompts.next_prompts(want - len(kept)), sink)
         metrics = metrics or dict(batch.metrics)  # the first round is the unbiased on-policy picture
         kept += batch.groups
         spare += batch.dropped_groups

@@ -19,6 +19,7 @@ from miles.engines.config import EngineConfig, RouterConfig
 from miles.errors import ConfigError
 from miles.reward.config import RewardConfig
 from miles.rollout.config import RolloutConfig
+from miles.routing.config import RoutingReplayConfig
 from miles.trainer.config import TrainerConfig
 from miles.trainer.sft import SftConfig
 from miles.weight_sync.config import WeightSyncConfig
@@ -70,6 +71,8 @@ class RunConfig:
     """Policy update."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     """Advantages, policy loss, corrections, KL and entropy terms."""
+    r3: RoutingReplayConfig = field(default_factory=RoutingReplayConfig)
+    """Rollout routing replay for MoE models (node-local HDF5 dumps)."""
     sft: SftConfig = field(default_factory=SftConfig)
     """Optional supervised warm-up before RL."""
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)

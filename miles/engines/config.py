@@ -45,6 +45,15 @@ class EngineConfig:
             raise ConfigError(f"engine.max_batch_size must be >= 1, got {self.max_batch_size}")
 
 
+def embedded_engine_args(engine: EngineConfig, seed: int, return_routed_experts: bool = False) -> list[str]:
+    """Flags of one embedded engine server (`python -m miles.engines.embedded`) after --model-path/--host/--port."""
+    args = ["--dtype", engine.dtype, "--max-batch-size", str(engine.max_batch_size), "--random-seed", str(seed),
+            "--num-threads", str(engine.num_threads)]
+    if return_routed_experts:
+        args.append("--enable-return-routed-experts")
+    return [*args, *engine.extra_args]
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     """The HTTP router that spreads /generate over healthy engines."""

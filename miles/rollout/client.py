@@ -4,6 +4,11 @@ One /generate request per sample (n_samples_per_prompt per prompt), at most roll
 flight. Each response becomes a `Sample` (tokens, engine logprobs, status from finish_reason, weight
 version), is scored by the reward function, and each finished group goes through the dynamic filter.
 
+R3: `generate(prompts, routing_sink=...)` asks the engines for the routed experts of every sample
+(`return_routed_experts`), decodes each answer's int32 [prompt + response - 1, layers, top_k] as it
+arrives and hands it to the sink (the step's node-local dump writer), which returns the reference
+stored in `Sample.routed_experts_ref`; the arrays never stay in the samples.
+
 Failures are loud: a request that still fails at the transport level after rollout.request_retries
 retries (or that the engine rejects with an HTTP error) raises `RolloutError` naming the router, so
 the trainer never silently trains on a partial batch. Aborted generations are not failures; they come
@@ -17,8 +22,10 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
+import numpy as np
 
 from miles.engines.client import EngineClient, EngineError, EngineUnreachable
 from miles.errors import ConfigError
@@ -37,6 +44,16 @@ _FINISH_STATUS = {"stop": SampleStatus.COMPLETED, "length": SampleStatus.TRUNCAT
 
 class RolloutError(RuntimeError):
     """Generation failed for good (after retries); the message names the router and the sample."""
+
+
+class RoutingSink(Protocol):
+    """Where R3 routing goes (miles.routing.dump_store.RoutingDumpWriter)."""
+
+    num_layers: int
+    top_k: int
+
+    def add(self, sample_id: str, experts_TLK: np.ndarray) -> str:
+        """Store one sample's routing; return its reference."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,7 @@ class RolloutClient:
         self._reward_seconds = 0.0
         self.progress = progress
         self._bar = None
+        self._routing_sink: RoutingSink | None = None
 
     def payload(self, sample: Sample) -> dict:
         """The /generate body for one sample."""
@@ -98,12 +116,15 @@ class RolloutClient:
             },
             "return_logprob": True,
             "rid": sample.sample_id,
+            **({"return_routed_experts": True} if self._routing_sink is not None else {}),
         }
 
-    async def generate(self, prompts: list[PromptItem]) -> RolloutBatch:
-        """Generate, score and filter n_samples_per_prompt responses for every prompt."""
+    async def generate(self, prompts: list[PromptItem], routing_sink: RoutingSink | None = None) -> RolloutBatch:
+        """Generate, score and filter n_samples_per_prompt responses for every prompt (with R3:
+        every sample's routing goes to `routing_sink`)."""
         from tqdm import tqdm
 
+        self._routing_sink = routing_sink
         start = time.perf_counter()
         self._reward_seconds = 0.0
         self._bar = tqdm(total=len(prompts) * self.cfg.n_samples_per_prompt, desc="rollout", unit="sample",
@@ -126,12 +147,12 @@ class RolloutClient:
             self._bar.close()
         return self._filter(sorted(groups, key=lambda g: g[0].group_id), time.perf_counter() - start)
 
-    def generate_sync(self, prompts: list[PromptItem]) -> RolloutBatch:
+    def generate_sync(self, prompts: list[PromptItem], routing_sink: RoutingSink | None = None) -> RolloutBatch:
         """Blocking `generate`, for scripts (not from inside a running event loop)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.generate(prompts))
+            return asyncio.run(self.generate(prompts, routing_sink))
         raise RuntimeError("generate_sync() called inside a running event loop; use `await generate()`")
 
     async def _generate_group(self, client: EngineClient, semaphore: asyncio.Semaphore, item: PromptItem) -> list[Sample]:
@@ -201,6 +222,23 @@ class RolloutClient:
         sample.weight_version = str(meta.get("weight_version", ""))
         # Special tokens (EOS) are kept in the tokens but not in the text the reward function reads.
         sample.response_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if self._routing_sink is not None:
+            sample.routed_experts_ref = self._store_routing(sample, meta, where)
+
+    def _store_routing(self, sample: Sample, meta: dict, where: str) -> str:
+        """Decode the answer's routed experts and hand them to the sink; their reference."""
+        from miles.engines.sglang import decode_routed_experts
+
+        sink = self._routing_sink
+        try:
+            experts_TLK = decode_routed_experts(meta, sink.num_layers, sink.top_k)
+        except ValueError as exc:
+            raise RolloutError(f"{where}: {exc}") from exc
+        expected = len(sample.prompt_tokens) + len(sample.response_tokens) - 1
+        if experts_TLK.shape[0] != expected:
+            raise RolloutError(f"{where}: routed_experts covers {experts_TLK.shape[0]} positions, expected "
+                               f"{expected} (prompt + response - 1)")
+        return sink.add(sample.sample_id, experts_TLK)
 
     def _filter(self, groups: list[list[Sample]], seconds: float) -> RolloutBatch:
         kept, dropped, dropped_groups = [], Counter(), []

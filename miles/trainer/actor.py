@@ -18,6 +18,15 @@ all-reduce of q/k-layernorm grads), then the lr scheduler and `optimizer.step()`
 global norm). The scheduler advances *before* the optimizer step, so with `lr_warmup_steps=W`
 step k (1-based) uses lr * min(k, W) / W and no step runs at lr 0.
 
+R3 (rollout routing replay, MoE): with `routing_source` set (a callable returning the engine's
+routing dumps [T, L, K] of the samples it is given), every forward of the actor and of the reference
+replays the engine's experts (miles/routing/replay.py): each rank loads the dumps of its own
+micro-batches only. Activation recomputation (trainer.recompute_granularity=full) replays them again.
+
+Expert parallelism: trainer.expert_model_parallel_size splits the experts over EP ranks (carved out of
+the data-parallel ranks, as in megatron); `export_hf_weights` all-gathers the experts over the EP
+group, so every rank yields every expert.
+
 Reference policy: when the algorithm needs pi_ref (`needs_reference`: algo.use_kl_loss, or the
 REINFORCE++ reward-level KL algo.kl_coef != 0) a second GPTModel is built from the same HF
 weights with the same TP layout, frozen (eval mode, no grads, no DDP, no optimizer), and
@@ -42,15 +51,19 @@ from miles.algo.corrections import ImportanceCorrection
 from miles.algo.reduction import reduce_token_mean
 from miles.errors import ConfigError
 from miles.rollout.sample import Sample
+from miles.routing.replay import RoutingReplay, replay_targets
 from miles.trainer.batching import MicroBatch, build_micro_batches, dp_slice
 from miles.trainer.config import TrainerConfig
 from miles.trainer.logprobs import split_responses, token_entropy, token_logprobs
+from miles.trainer.model_provider import is_moe
 from miles.trainer.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 
 # loss_fn(micro_batch, logits_BSVp) -> (loss for backward, metrics or outputs of this micro-batch)
 LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, Any]]
+# routing_source(samples) -> the engine's routing dump [T, L, K] of each sample (R3)
+RoutingSource = Callable[[Sequence[Sample]], Sequence[Any]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,7 +114,7 @@ class MegatronActor:
     """
 
     def __init__(self, hf_path: str, trainer_cfg: TrainerConfig, algo_cfg: AlgoConfig, parallel: ParallelState,
-                 correction: ImportanceCorrection | None = None) -> None:
+                 correction: ImportanceCorrection | None = None, routing_source: RoutingSource | None = None) -> None:
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -116,10 +129,17 @@ class MegatronActor:
         if trainer_cfg.tensor_model_parallel_size != parallel.tp_size:
             raise ConfigError(f"trainer.tensor_model_parallel_size={trainer_cfg.tensor_model_parallel_size} but "
                               f"init_parallel was called with tp_size={parallel.tp_size}")
+        if trainer_cfg.expert_model_parallel_size != parallel.ep_size:
+            raise ConfigError(f"trainer.expert_model_parallel_size={trainer_cfg.expert_model_parallel_size} but "
+                              f"init_parallel was called with ep_size={parallel.ep_size}")
         if parallel.pp_size != 1:
             raise ConfigError(f"MegatronActor does not support pipeline parallelism yet (pp_size={parallel.pp_size})")
         self.cfg, self.algo_cfg, self.parallel, self.correction = trainer_cfg, algo_cfg, parallel, correction
         self.hf_config = AutoConfig.from_pretrained(hf_path)
+        self.routing_source = routing_source
+        if routing_source is not None and not is_moe(self.hf_config):
+            raise ConfigError(f"R3 (routing replay) needs an MoE model; {hf_path} is "
+                              f"{self.hf_config.model_type!r}")
         self.pad_id = self.hf_config.pad_token_id if self.hf_config.pad_token_id is not None else 0
         dtype = torch.bfloat16 if trainer_cfg.bf16 else torch.float32
         hf_state = load_hf_state_dict(hf_path)
@@ -138,6 +158,7 @@ class MegatronActor:
         model_config.finalize_model_grads_func = finalize_model_grads
         model_config.no_sync_func = self.model.no_sync
         self._forward_backward = get_forward_backward_func()
+        self._replays: dict[int, RoutingReplay] = {}
         self.ref_model: torch.nn.Module | None = None
         if self.needs_reference:
             # The frozen pi_ref: no grads, so no TP attributes needed and no random init to pay for.
@@ -154,8 +175,10 @@ class MegatronActor:
         from miles.trainer.hf_convert import load_hf_weights
         from miles.trainer.model_provider import build_gpt_model
 
+        recompute = (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+                     if self.cfg.recompute_granularity == "full" else {})
         module = build_gpt_model(self.hf_config, tp_size=self.parallel.tp_size, params_dtype=dtype,
-                                 init_weights=init_weights)
+                                 init_weights=init_weights, **recompute)
         if dtype == torch.bfloat16:
             module = Float16Module(module.config, module)
         load_hf_weights(module, hf_state, self.hf_config)
@@ -200,9 +223,26 @@ class MegatronActor:
     # ------------------------------------------------------------------ batching
 
     def _micro_batches(self, samples: Sequence[Sample], indices: Sequence[int]) -> list[MicroBatch]:
-        return build_micro_batches(samples, indices, micro_batch_size=self.cfg.micro_batch_size,
-                                   max_tokens=self.cfg.max_tokens_per_microbatch, pad_id=self.pad_id,
-                                   device=self.parallel.device)
+        micro_batches = build_micro_batches(samples, indices, micro_batch_size=self.cfg.micro_batch_size,
+                                            max_tokens=self.cfg.max_tokens_per_microbatch, pad_id=self.pad_id,
+                                            device=self.parallel.device)
+        if self.routing_source is None:
+            return micro_batches
+        return [self._with_routing(mb, [samples[i] for i in mb.indices]) for mb in micro_batches]
+
+    def _with_routing(self, mb: MicroBatch, chosen: list[Sample]) -> MicroBatch:
+        """`mb` with its R3 replay targets: the engine's routing of exactly these samples."""
+        hf = self.hf_config
+        targets = replay_targets(mb.batch, self.routing_source(chosen), num_layers=hf.num_hidden_layers,
+                                 top_k=hf.num_experts_per_tok, num_experts=hf.num_experts,
+                                 sample_ids=[s.sample_id for s in chosen])
+        return MicroBatch(indices=mb.indices, batch=mb.batch,
+                          routing=[t.to(self.parallel.device) for t in targets])
+
+    def _replay_of(self, model: torch.nn.Module) -> "RoutingReplay":
+        if id(model) not in self._replays:
+            self._replays[id(model)] = RoutingReplay(model)
+        return self._replays[id(model)]
 
     def _dp_slice(self, start: int, stop: int) -> list[int]:
         return dp_slice(start, stop, self.parallel.dp_size, self.parallel.dp_rank)
@@ -212,16 +252,26 @@ class MegatronActor:
         """megatron's forward(-backward) schedule over the micro-batches of `model` (default: the actor);
         per-micro-batch loss_fn outputs."""
 
+        model = self.model if model is None else model
+        replay = self._replay_of(model) if self.routing_source is not None else None
+
         def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
+            if replay is not None:
+                replay.replay_forward(mb.routing)
             logits_BSVp = model(mb.batch.input_ids_BS, mb.batch.position_ids_BS, mb.batch.attention_mask_11SS)
-            return logits_BSVp, partial(loss_fn, mb)
+            return logits_BSVp, partial(_after_forward, replay, loss_fn, mb)
 
-        return self._forward_backward(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.model if model is None else model,
-            num_microbatches=len(micro_batches), seq_length=max(mb.batch.input_ids_BS.shape[1] for mb in micro_batches),
-            micro_batch_size=max(len(mb.indices) for mb in micro_batches), forward_only=forward_only,
-        )
+        try:
+            return self._forward_backward(
+                forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
+                num_microbatches=len(micro_batches),
+                seq_length=max(mb.batch.input_ids_BS.shape[1] for mb in micro_batches),
+                micro_batch_size=max(len(mb.indices) for mb in micro_batches), forward_only=forward_only,
+            )
+        finally:
+            if replay is not None:
+                replay.clear()
 
     # ------------------------------------------------------------------ log-probs
 
@@ -422,15 +472,25 @@ class MegatronActor:
         Every TP rank must consume the whole iterator in order. Tensors are in the training dtype;
         replicated ones (norms) are views of the live parameters: copy before modifying.
         """
-        from miles.trainer.hf_convert import megatron_to_hf, tp_all_gather
+        from miles.trainer.hf_convert import ep_all_gather_experts, megatron_to_hf, tp_all_gather
 
         gather = tp_all_gather() if self.parallel.tp_size > 1 else None
-        return megatron_to_hf(self.model.named_parameters(), self.hf_config, self.parallel.tp_size, gather)
+        params = self.model.named_parameters()
+        if self.parallel.ep_size > 1:
+            return ep_all_gather_experts(params, self.hf_config, self.parallel.ep_size)
+        return megatron_to_hf(params, self.hf_config, self.parallel.tp_size, gather)
 
 
 def _pad_BT(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Right-pad [R] tensors into [B, T] (zeros) on `device`."""
     return torch.nn.utils.rnn.pad_sequence([v.to(device) for v in values], batch_first=True, padding_value=0.0)
+
+
+def _after_forward(replay: "RoutingReplay | None", loss_fn: LossFn, mb: MicroBatch, logits_BSVp: torch.Tensor):
+    """The micro-batch's loss; first, with R3, let a recomputation in its backward replay the same experts."""
+    if replay is not None:
+        replay.replay_backward()
+    return loss_fn(mb, logits_BSVp)
 
 
 def _scaled(result: tuple[torch.Tensor, Any], scale: float) -> tuple[torch.Tensor, Any]:

@@ -22,6 +22,8 @@ class MicroBatch:
     """Index of each row's sample in the list handed to the actor."""
     batch: PaddedBatch
     """Right-padded model inputs on this rank's device."""
+    routing: list[torch.Tensor] | None = None
+    """R3 replay targets, one [S * B, K] tensor per MoE layer (miles.routing.replay), or None."""
 
 
 def plan_micro_batches(lengths: Sequence[int], micro_batch_size: int,

@@ -21,6 +21,12 @@ class TrainerConfig:
     """Global gradient-norm clip."""
     tensor_model_parallel_size: int = 1
     """Megatron TP size."""
+    expert_model_parallel_size: int = 1
+    """Megatron EP size (MoE models): experts are split over this many ranks, carved out of the
+    data-parallel ranks (world size must be a multiple of TP x EP)."""
+    recompute_granularity: str | None = None
+    """Activation recomputation: None (keep activations) or "full" (recompute each layer in the
+    backward pass; with R3 the replayed routing is used again there)."""
     micro_batch_size: int = 1
     """Samples per forward/backward micro-batch (ignored when max_tokens_per_microbatch is set)."""
     max_tokens_per_microbatch: int | None = None
@@ -44,8 +50,12 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{name} must be >= 1, got {value}")
         if self.lr < 0:
             raise ConfigError(f"trainer.lr must be >= 0, got {self.lr}")
-        if self.tensor_model_parallel_size < 1 or self.micro_batch_size < 1:
-            raise ConfigError("trainer.tensor_model_parallel_size and micro_batch_size must be >= 1")
+        if min(self.tensor_model_parallel_size, self.expert_model_parallel_size, self.micro_batch_size) < 1:
+            raise ConfigError("trainer.tensor_model_parallel_size, expert_model_parallel_size and micro_batch_size "
+                              "must be >= 1")
+        if self.recompute_granularity not in (None, "full"):
+            raise ConfigError(f"trainer.recompute_granularity={self.recompute_granularity!r} is not one of "
+                              f"None, 'full'")
         if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
             raise ConfigError(f"trainer.max_tokens_per_microbatch must be >= 1 (or unset), "
                               f"got {self.max_tokens_per_microbatch}")

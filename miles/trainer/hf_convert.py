@@ -238,6 +238,37 @@ def tp_all_gather(group=None) -> Gather:
     return gather
 
 
+def _is_expert(name: str) -> bool:
+    layer = _LAYER_NAME.match(name)
+    return layer is not None and _EXPERT_NAME.match(layer.group(2)) is not None
+
+
+def ep_all_gather_experts(
+    named_params: Iterable[tuple[str, torch.Tensor]], hf_config: Any, ep_size: int, group=None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`megatron_to_hf` of an EP-sharded MoE model (TP = 1) with every rank's experts.
+
+    Each local expert parameter is all-gathered over the expert-parallel group (megatron's, or
+    `group`), and EP rank r's copy is named by r's global expert index; other parameters are
+    replicated over EP and yielded once. Collective: every EP rank must consume the whole iterator.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    group = group if group is not None else mpu.get_expert_model_parallel_group()
+    ep_rank = dist.get_rank(group)
+    for raw_name, tensor in named_params:
+        name = _strip_wrappers(raw_name)
+        if not _is_expert(name):
+            yield from megatron_to_hf([(name, tensor)], hf_config, ep_rank=ep_rank, ep_size=ep_size)
+            continue
+        local = tensor.detach().contiguous()
+        shards = [torch.empty_like(local) for _ in range(ep_size)]
+        dist.all_gather(shards, local, group=group)
+        for rank, shard in enumerate(shards):
+            yield from megatron_to_hf([(name, shard)], hf_config, ep_rank=rank, ep_size=ep_size)
+
+
 def load_hf_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF safetensors checkpoint (single file or sharded with an index)."""
     from safetensors.torch import load_file

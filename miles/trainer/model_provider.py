@@ -8,7 +8,8 @@ depend on TP) and moved to the current GPU when CUDA is available. Call after
 
 MoE (Qwen3-MoE): every layer is an MoE layer with a softmax top-k router (HF `norm_topk_prob`
 = megatron's softmax over the top-k logits; without it, softmax over all experts then top-k),
-SequentialMLP experts (no grouped GEMM), the allgather dispatcher, no aux loss, no shared expert
+SequentialMLP experts (no grouped GEMM), the allgather dispatcher, no aux loss, routing replay
+enabled (idle until R3 uses it: miles/routing/replay.py), no shared expert
 (Qwen3-MoE has none; a config with `shared_expert_intermediate_size` is refused for now).
 Experts are split over expert-parallel ranks (`ep_size`); MoE with TP > 1 is refused for now
 (megatron needs sequence parallelism there, and expert TP layouts are not converted yet).
@@ -157,6 +158,8 @@ def _moe_fields(hf_config: Any, ep_size: int) -> dict[str, Any]:
         moe_permute_fusion=False,
         moe_router_fusion=False,
         expert_model_parallel_size=ep_size,
+        # R3: every router gets a RouterReplay (idle unless miles.routing.replay switches it on).
+        moe_enable_routing_replay=True,
     )
 
 
@@ -206,6 +209,12 @@ def build_gpt_model(
         rotary_percent=1.0,
         rotary_base=_rope_theta(hf_config),
     )
+    if config.moe_enable_routing_replay:
+        # megatron also lists every RouterReplay in a process-wide static list; miles.routing.replay
+        # finds a model's own routers instead, so drop the list rather than let it grow per model.
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+
+        RouterReplay.clear_global_router_replay_instances()
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     logger.info("built GPTModel: %d params on this rank", sum(p.numel() for p in model.parameters()))

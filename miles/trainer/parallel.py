@@ -52,6 +52,10 @@ class ParallelState:
     """torch.distributed backend: "nccl" or "gloo"."""
     device: torch.device
     """Device this rank computes on."""
+    ep_size: int = 1
+    """Expert-parallel size (1 for dense models)."""
+    ep_rank: int = 0
+    """Rank inside the expert-parallel group."""
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int:
@@ -93,6 +97,7 @@ def init_parallel(
     seed: int = 1234,
     timeout_s: float = 1800.0,
     env: Mapping[str, str] | None = None,
+    ep_size: int = 1,
 ) -> ParallelState:
     """Join the process group (env://), build megatron's TP/PP/DP groups and seed all RNGs.
 
@@ -111,11 +116,15 @@ def init_parallel(
     world_size = dist.get_world_size()
     if tp_size < 1 or pp_size < 1 or world_size % (tp_size * pp_size):
         raise ConfigError(f"world size {world_size} is not divisible by tp_size {tp_size} x pp_size {pp_size}")
+    if ep_size < 1 or world_size % (tp_size * pp_size * ep_size):
+        raise ConfigError(f"world size {world_size} is not divisible by tp_size {tp_size} x pp_size {pp_size} x "
+                          f"ep_size {ep_size} (EP is carved out of the data-parallel ranks)")
     if mpu.model_parallel_is_initialized():
         raise RuntimeError("megatron model parallel state is already initialized; call teardown_parallel() first")
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
+        expert_model_parallel_size=ep_size,
         distributed_timeout_minutes=max(1, int(timeout_s // 60)),
     )
     state = ParallelState(
@@ -123,6 +132,7 @@ def init_parallel(
         tp_size=tp_size, tp_rank=mpu.get_tensor_model_parallel_rank(),
         pp_size=pp_size, pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_size=mpu.get_data_parallel_world_size(), dp_rank=mpu.get_data_parallel_rank(),
+        ep_size=ep_size, ep_rank=mpu.get_expert_model_parallel_rank(),
         backend=backend, device=device,
     )
     rank_seed = seed + 100 * state.pp_rank

@@ -3,6 +3,7 @@
     python -m miles.engines.embedded --model-path DIR --host 127.0.0.1 --port 30000 \\
         [--dtype float32|bfloat16|float16] [--max-batch-size 64] [--random-seed 0] \\
         [--weight-version default] [--num-threads 0] [--log-level info] [--enable-return-routed-experts]
+        [--router-selection-noise SCALE]
 
 The port is bound first and /health answers 503 until the model is loaded, then 200.
 SIGTERM or SIGINT stops the server; the exit code is 1 if the model could not be loaded.
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> EngineArgs:
                     help="torch intra-op threads (0 = one per core); use fewer when cores are shared")
     ap.add_argument("--enable-return-routed-experts", action="store_true",
                     help="capture each token's top-k experts (MoE only); requests ask with return_routed_experts")
+    ap.add_argument("--router-selection-noise", type=float, default=0.0, metavar="SCALE",
+                    help="study knob (MoE): perturb each router's top-k choice by SCALE x std(router weight), "
+                         "gating weights unchanged, so engine and trainer routing diverge (docs/r3.md)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     a = ap.parse_args(argv)
     if a.max_batch_size < 1:
@@ -49,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> EngineArgs:
         model_path=a.model_path, host=a.host, port=a.port, dtype=a.dtype, max_batch_size=a.max_batch_size,
         random_seed=a.random_seed, weight_version=a.weight_version, num_threads=a.num_threads,
         enable_return_routed_experts=a.enable_return_routed_experts,
+        router_selection_noise=a.router_selection_noise,
     )
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from miles.engines.embedded.routing import RouterCapture
+from miles.engines.embedded.routing import RouterCapture, perturb_router_selection
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ class Batch:
 class ModelRunner:
     """Loads an HF checkpoint and runs prefill / decode steps over a `Batch`."""
 
-    def __init__(self, model_path: str | Path, dtype: str = "float32", capture_routing: bool = False):
+    def __init__(self, model_path: str | Path, dtype: str = "float32", capture_routing: bool = False,
+                 router_selection_noise: float = 0.0):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if dtype not in DTYPES:
@@ -71,6 +72,8 @@ class ModelRunner:
         self.eos_ids = _eos_ids(self.model)
         self.context_length = int(getattr(self.config, "max_position_embeddings", 1 << 30))
         self.num_params = sum(p.numel() for p in self.model.parameters())
+        if router_selection_noise:
+            perturb_router_selection(self.model, router_selection_noise)
         self.routing = RouterCapture(self.model) if capture_routing else None
         self.last_routed: list[torch.Tensor] | torch.Tensor | None = None
         logger.info(

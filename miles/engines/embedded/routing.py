@@ -59,6 +59,46 @@ class RouterCapture:
             h.remove()
 
 
+def perturb_router_selection(model, scale: float, seed: int = 0) -> None:
+    """Study knob (`--router-selection-noise`): make this engine's expert *choice* differ from the trainer's.
+
+    Every router picks its top-k from logits of a perturbed weight W + scale * std(W) * N(0, 1)
+    (a fixed draw per layer from `seed`), while the gating weights stay softmax(W h) gathered at
+    the chosen experts. Tokens whose top-k is nearly tied then go to other experts than an
+    unperturbed model would pick, which is what bf16 or kernel differences do at scale; the
+    numbers are otherwise unchanged, so with R3 (the trainer replaying these choices) engine and
+    trainer log-probs agree to the non-routing noise floor (docs/r3.md).
+    """
+    import torch.nn.functional as F
+
+    for layer, gate in enumerate(_routers(model)):
+        gen = torch.Generator().manual_seed(seed * 1000 + layer)
+        weight = gate.weight.detach()
+        delta = (torch.randn(weight.shape, generator=gen, dtype=torch.float32) * scale * weight.float().std()).to(
+            weight.device, weight.dtype)
+
+        def forward(hidden_states, gate=gate, delta=delta):
+            hidden = hidden_states.reshape(-1, gate.hidden_dim)
+            logits = F.linear(hidden, gate.weight)
+            probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+            _, indices = torch.topk(F.linear(hidden, gate.weight + delta), gate.top_k, dim=-1)
+            top = probs.gather(1, indices)
+            if gate.norm_topk_prob:
+                top = top / top.sum(dim=-1, keepdim=True)
+            return logits, top.to(logits.dtype), indices
+
+        gate.forward = forward
+    logger.warning("router selection perturbed (scale %g, seed %d): engine routing deliberately differs", scale, seed)
+
+
+def _routers(model) -> list:
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    routers = [getattr(getattr(layer, "mlp", None), "gate", None) for layer in layers]
+    if not routers or any(r is None or not hasattr(r, "top_k") for r in routers):
+        raise ValueError(f"{type(model).__name__} is not an MoE model with a router in every layer")
+    return routers
+
+
 def encode_routed_experts(idx_TYK: torch.Tensor) -> str:
     """SGLang's wire form: base64 of the raw int32 bytes of [tokens, layers, top_k] (C order)."""
     return base64.b64encode(np.ascontiguousarray(idx_TYK.numpy(), dtype=np.int32).tobytes()).decode("ascii")

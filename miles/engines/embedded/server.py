@@ -51,6 +51,8 @@ class EngineArgs:
     with other processes: OpenMP threads then stall each other (10-30x slower decode, measured)."""
     enable_return_routed_experts: bool = False
     """Capture each token's top-k experts (MoE checkpoints only) so requests may ask for them."""
+    router_selection_noise: float = 0.0
+    """Study knob: perturb the routers' top-k choice (not their weights) by this relative scale."""
 
 
 class EngineState:
@@ -72,7 +74,8 @@ class EngineState:
         if self.args.num_threads > 0:
             torch.set_num_threads(self.args.num_threads)
         self.num_threads = torch.get_num_threads()
-        runner = ModelRunner(self.args.model_path, self.args.dtype, self.args.enable_return_routed_experts)
+        runner = ModelRunner(self.args.model_path, self.args.dtype, self.args.enable_return_routed_experts,
+                             self.args.router_selection_noise)
         self.tokenizer = load_tokenizer(self.args.model_path)
         self.loader = WeightLoader(runner.model)
         return runner
