@@ -214,7 +214,9 @@ def _routing_dumps(cfg: RunConfig):
         return None
     from miles.routing.dump_store import RoutingDumpStore
 
-    store = RoutingDumpStore(cfg.r3.dump_dir)
+    # The controller writes, every rank reads: all use the controller's folder (the default one
+    # is per process). On one node that is node-local; see docs/r3.md for multi-node trainers.
+    store = RoutingDumpStore(_broadcast(str(RoutingDumpStore(cfg.r3.dump_dir).root)))
     logger.info("R3: routing dumps under %s", store.root)
     return store
 

@@ -52,6 +52,12 @@ def probe_http(opener: urllib.request.OpenerDirector, url: str) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
+_TRAINER_WORLD_ENV = frozenset({
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+})
+
+
 class ServerProcess:
     """One HTTP server running as a child process."""
 
@@ -61,7 +67,10 @@ class ServerProcess:
         self.url = f"http://{host}:{port}"
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # A server is not a rank of the trainer's world: drop what torchrun/srun-style launchers set,
+        # or e.g. TORCHELASTIC_USE_AGENT_STORE reroutes the engine's weight-update rendezvous.
+        env = {k: v for k, v in os.environ.items() if k not in _TRAINER_WORLD_ENV and not k.startswith("TORCHELASTIC_")}
+        env["PYTHONUNBUFFERED"] = "1"
         with open(self.log_path, "ab") as log:
             # Own session: a Ctrl-C in the parent's terminal does not reach the server; we stop it.
             self._popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

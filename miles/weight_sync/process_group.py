@@ -44,8 +44,7 @@ def init_custom_process_group(
     if group_name in c10d._world.pg_names.values():
         raise ValueError(f"a process group named {group_name!r} already exists in this process")
     timeout = timeout or c10d.default_pg_timeout
-    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    store = _rendezvous_store(init_method, rank, world_size, timeout)
     store = c10d.PrefixStore(group_name, store)
     # With a default NCCL group bound to a device (the trainer's, init_process_group(device_id=...)),
     # torch builds new NCCL groups by ncclCommSplit of the default communicator; the engines are not
@@ -67,6 +66,26 @@ def init_custom_process_group(
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
     logger.info("joined process group %r as rank %d/%d via %s (%s)", group_name, rank, world_size, init_method, backend)
     return pg
+
+
+def _rendezvous_store(init_method: str, rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The store of `init_method`: for tcp:// a TCPStore that rank 0 hosts, built directly.
+
+    torch's tcp:// rendezvous handler does the same, except under torchrun: there
+    (TORCHELASTIC_USE_AGENT_STORE=True) it makes rank 0 a *client* of the elastic agent's store and
+    prefixes the keys, so a trainer started by torchrun would wait forever for engines that
+    rendezvous the plain way. The keys of this store are those of the plain rendezvous.
+    """
+    from urllib.parse import urlparse
+
+    url = urlparse(init_method)
+    if url.scheme != "tcp":
+        store, _, _ = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
+        store.set_timeout(timeout)
+        return store
+    if not url.hostname or not url.port:
+        raise ValueError(f"init_method {init_method!r} needs a host and a port (tcp://HOST:PORT)")
+    return dist.TCPStore(url.hostname, url.port, world_size, is_master=rank == 0, timeout=timeout)
 
 
 def destroy_custom_process_group(pg: dist.ProcessGroup) -> None:
