@@ -39,7 +39,7 @@ setup(
     ],
     extras_require={
         # The PyPI MPICH wheel for laptops and CI; clusters use the site MPI that mpi4py was built against.
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "mpich>=4.2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100,<7", "mpich>=4.2"],
         # Real SGLang for GPU machines (see docs/gpu.md); version pinned to what we verified.
         "gpu": ["sglang==0.5.17"],
     },

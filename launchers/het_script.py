@@ -13,6 +13,8 @@ import re
 import shlex
 from pathlib import Path
 
+from miles.cluster.job_placement import submit_placement
+from miles.cluster.platforms import get_platform
 from miles.cluster.roles import HetLayout
 from miles.config.loader import run_dir
 from miles.errors import ConfigError
@@ -22,6 +24,8 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "sbatch" / "miles-het.sbatch"
 _PLAIN = re.compile(r"[A-Za-z_/.][\w./-]*")
 SETTINGS_BEGIN = "# ---- run settings (miles-submit rewrites this block) ----"
 SETTINGS_END = "# ---- end of run settings ----"
+PLATFORM_BEGIN = "# ---- platform preset (miles-submit inlines sbatch/platforms/<platform>.sh here) ----"
+PLATFORM_END = "# ---- end of platform preset ----"
 RENDERED_NOTE = "# Rendered by miles-submit from {name}: edit the template (or pass --template), not this copy."
 
 
@@ -46,6 +50,13 @@ def sbatch_lines(cfg, layout: HetLayout, submitit_dir: str | None) -> list[str]:
     group0 += [f"--signal=B:{ck.preempt_signal}@{ck.preempt_grace_s}", "--requeue", "--open-mode=append"]
     group0 += [line.strip() for line in c.sbatch_extra]
     group1 = [f"--nodes={layout.nodes_train}", f"--ntasks-per-node={layout.trainers_per_node}", *gpus, *common]
+    placement, _ = submit_placement(cfg)  # --segment: each segment lands inside one topology/block block
+    if placement is not None:
+        group0 += [f"--segment={placement.rollout_segment}"] if placement.rollout_segment else []
+        group1 += [f"--segment={placement.train_segment}"] if placement.train_segment else []
+    if c.imex_channel_per_segment:
+        group0 += ["--network=unique-channel-per-segment"]
+        group1 += ["--network=unique-channel-per-segment"]
     return [*(f"#SBATCH {o}" for o in group0), "#SBATCH hetjob", *(f"#SBATCH {o}" for o in group1)]
 
 
@@ -69,6 +80,14 @@ def settings_block(cfg, recipe: str, overrides: list[str], submitit_dir: str | N
     ]
 
 
+def platform_block(cfg) -> list[str]:
+    """The platform preset inlined (sbatch/platforms/<platform>.sh), or a note that there is none."""
+    name = cfg.cluster.platform
+    text = get_platform(name).preset_text().rstrip("\n").splitlines() if name else \
+        ["# no platform preset (cluster.platform is empty)"]
+    return [PLATFORM_BEGIN, *text, PLATFORM_END]
+
+
 def render_het_script(cfg, recipe: str, overrides: list[str], submitit_dir: str | None = None,
                       template: Path = TEMPLATE) -> str:
     """The het-job batch script of cfg (loaded from recipe + overrides), rendered from template."""
@@ -82,11 +101,16 @@ def render_het_script(cfg, recipe: str, overrides: list[str], submitit_dir: str 
     except (StopIteration, ValueError):
         raise ConfigError(f"{template} is not a Miles het-job template: it needs #SBATCH lines and the "
                           f"{SETTINGS_BEGIN!r} ... {SETTINGS_END!r} block") from None
+    try:
+        pbegin, pend = lines.index(PLATFORM_BEGIN), lines.index(PLATFORM_END)
+    except ValueError:
+        raise ConfigError(f"{template} has no {PLATFORM_BEGIN!r} ... {PLATFORM_END!r} block") from None
     layout = HetLayout.from_config(cfg)
     head = [line for line in lines[:begin] if not line.startswith("#SBATCH")]
     insert_at = first_sbatch  # every line before the first #SBATCH is kept, so indices agree
     head[insert_at:insert_at] = [RENDERED_NOTE.format(name=template.name), *sbatch_lines(cfg, layout, submitit_dir)]
-    body = settings_block(cfg, recipe, overrides, submitit_dir) + lines[end + 1:]
+    body = (settings_block(cfg, recipe, overrides, submitit_dir) + lines[end + 1:pbegin]
+            + platform_block(cfg) + lines[pend + 1:])
     return "\n".join(head + body) + "\n"
 
 

@@ -6,7 +6,8 @@
     router      het-group 0, one task on the first rollout node: wait for every engine's address,
                 publish its own, then exec the router
     trainer     het-group 1, one task per GPU: join torch.distributed (env:// from SLURM_* or, with
-                --bootstrap mpi, through mpi4py), then run miles.driver.train (rank 0 = controller)
+                --bootstrap mpi, through mpi4py) with RANK from the topology planner's rank map
+                (cluster.rank_order=topology, docs/topology.md), then run miles.driver.train (rank 0 = controller)
     dist-check  any srun step: join torch.distributed like a trainer and all_reduce the ranks
                 (a bootstrap smoke test; needs no recipe)
 
@@ -24,12 +25,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
+from miles.cluster.job_placement import apply_rank_map
 from miles.cluster.plan import unsupported_features
+from miles.cluster.platforms import check_imex_channels
 from miles.cluster.rendezvous import (ROUTER, Rendezvous, dist_env_from_mpi, dist_env_from_slurm, engine_name,
                                       trainer_name)
 from miles.cluster.roles import EngineTask, HetLayout, JobPorts, Role
 from miles.cluster.slurm_env import SlurmEnv
 from miles.cluster.slurm_rollout import ROLE_ENV
+from miles.engines.config import embedded_engine_args
 from miles.errors import ConfigError
 
 logger = logging.getLogger("miles.launchers.role")
@@ -90,8 +94,7 @@ def engine_command(cfg, task: EngineTask, port: int, dist_init_addr: str | None,
     seed = cfg.run.seed + task.index
     if eng.kind == "embedded":
         return [sys.executable, "-m", "miles.engines.embedded", "--model-path", model, "--host", BIND_HOST,
-                "--port", str(port), "--dtype", eng.dtype, "--max-batch-size", str(eng.max_batch_size),
-                "--random-seed", str(seed), "--num-threads", str(eng.num_threads), *eng.extra_args]
+                "--port", str(port), *embedded_engine_args(eng, seed, cfg.r3.enabled)]
     from miles.engines.sglang import SGLangConfig, build_sglang_args, is_moe_checkpoint
 
     sglang = replace(getattr(cfg, "sglang", None) or SGLangConfig(), tp_size=max(cfg.cluster.gpus_per_engine, 1),
@@ -103,7 +106,15 @@ def engine_command(cfg, task: EngineTask, port: int, dist_init_addr: str | None,
     return [sys.executable, "-m", "sglang.launch_server", *args]
 
 
+def _check_platform(cfg) -> None:
+    """The platform's step-level requirements (an IMEX channel on gb200/gb300), before any CUDA context."""
+    if cfg.cluster.platform:
+        channels = check_imex_channels(cfg.cluster.platform)
+        logger.info("platform %s; IMEX channels in this step: %s", cfg.cluster.platform, ", ".join(channels) or "none")
+
+
 def engine(cfg, slurm: SlurmEnv) -> int:
+    _check_platform(cfg)
     layout = HetLayout.from_config(cfg)
     task = EngineTask.from_procid(slurm.procid, layout)
     ports = JobPorts.for_job(slurm.job_id)
@@ -139,8 +150,13 @@ def router(cfg, slurm: SlurmEnv) -> int:
     return 1  # not reached
 
 
-def _join_env(slurm: SlurmEnv, bootstrap: str) -> dict[str, str]:
+def _join_env(slurm: SlurmEnv, bootstrap: str, cfg=None) -> dict[str, str]:
+    """The env:// variables of this task, in the planned rank order when cfg asks for it; exported."""
     env = dist_env_from_mpi(slurm) if bootstrap == "mpi" else dist_env_from_slurm(slurm)
+    if cfg is not None and cfg.cluster.rank_order == "topology":
+        procid_rank = env["RANK"]
+        env, found = apply_rank_map(cfg, slurm, env, _run_dir(cfg))
+        logger.info("rank %s (task %s): domains from %s", env["RANK"], procid_rank, found.source)
     os.environ.update(env)
     return env
 
@@ -149,7 +165,8 @@ def trainer(cfg, slurm: SlurmEnv, bootstrap: str) -> int:
     missing = unsupported_features(cfg)
     if missing:
         raise ConfigError("this recipe needs pieces Miles does not have yet:\n  - " + "\n  - ".join(missing))
-    env = _join_env(slurm, bootstrap)
+    _check_platform(cfg)
+    env = _join_env(slurm, bootstrap, cfg)  # before torch.distributed (miles.driver.train) starts
     os.environ[ROLE_ENV] = "trainer"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rank = int(env["RANK"])

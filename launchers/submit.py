@@ -1,6 +1,7 @@
 """`miles-submit`: run a recipe as a Slurm heterogeneous job (or locally), built on submitit.
 
     miles-submit --recipe glm5 --dry-run                      # print the het-job script, config, memory estimate
+    miles-submit --recipe glm5 --platform gb200 --dry-run     # the same job on GB200 NVL72: presets, --segment
     miles-submit --recipe quickstart run.num_steps=2 --follow # submit, tail the logs, exit with the job's state
     miles-submit --recipe qwen3-small --partition gpu --time 04:00:00 --gpus-per-node 8 model.path=/ckpt/Qwen3-1.7B
     miles-submit --recipe quickstart --executor local         # the same run on this machine (python -m miles.driver)
@@ -21,8 +22,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from miles.cluster.job_placement import describe_placement
 from miles.cluster.memory import estimate_memory
 from miles.cluster.plan import unsupported_features
+from miles.cluster.platforms import PLATFORMS, get_platform
 from miles.cluster.roles import HetLayout
 from miles.config.loader import config_to_yaml, load_config, run_dir
 from miles.errors import ConfigError
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--nodes-train", type=int)
     slurm.add_argument("--gpus-per-node", type=int)
     slurm.add_argument("--bootstrap", choices=["env", "mpi"], help="trainer rendezvous: env:// or mpi4py")
+    slurm.add_argument("--platform", choices=list(PLATFORMS), help="platform preset (sbatch/platforms/<name>.sh) "
+                       "= cluster.platform; rescales the recipe's nodes to the platform's GPUs per node")
+    slurm.add_argument("--imex-channel-per-segment", action="store_true", default=None,
+                       help="one IMEX channel per --segment (--network=unique-channel-per-segment, Slurm 25.11+)")
     return ap
 
 
@@ -72,6 +79,27 @@ def _overrides(args, user: list[str]) -> list[str]:
         exclusive=args.exclusive, container_image=args.container_image, apptainer_image=args.apptainer,
         sbatch_extra=extra, nodes_rollout=args.nodes_rollout, nodes_train=args.nodes_train,
         gpus_per_node=args.gpus_per_node, bootstrap=args.bootstrap)
+
+
+def platform_overrides(cfg, name: str, args) -> list[str]:
+    """cluster.platform=NAME, plus the node counts rescaled to the platform's GPUs per node, so the recipe's
+    GPU counts stay (glm5: 16 x 8 train GPUs -> 32 x 4 on gb200). Flags the user gave are never changed."""
+    p, c = get_platform(name), cfg.cluster
+    values: dict = {"platform": name}
+    if c.gpus_per_node and c.gpus_per_node != p.gpus_per_node and args.gpus_per_node is None:
+        if c.trainers_per_node:
+            raise ConfigError(f"--platform {name} has {p.gpus_per_node} GPUs per node but the recipe sets "
+                              f"cluster.trainers_per_node={c.trainers_per_node}; pass --gpus-per-node, --nodes-rollout, "
+                              f"--nodes-train and cluster.trainers_per_node yourself")
+        values["gpus_per_node"] = p.gpus_per_node
+        for key, flag in (("nodes_rollout", args.nodes_rollout), ("nodes_train", args.nodes_train)):
+            gpus = getattr(c, key) * c.gpus_per_node
+            if flag is None:
+                if gpus % p.gpus_per_node:
+                    raise ConfigError(f"cluster.{key}={getattr(c, key)} x {c.gpus_per_node} GPUs does not fill whole "
+                                      f"{name} nodes of {p.gpus_per_node} GPUs; pass --{key.replace('_', '-')}")
+                values[key] = gpus // p.gpus_per_node
+    return flag_overrides(**values)
 
 
 def memory_report(cfg) -> str:
@@ -94,7 +122,7 @@ def dry_run(cfg, recipe: str, overrides: list[str], template: Path) -> str:
     """Everything --dry-run prints (deterministic: golden-file tested)."""
     script = render_het_script(cfg, recipe, overrides, submitit_folder(cfg), template)
     sections = [("het-job script (sbatch)", script.rstrip("\n")), ("layout", describe_layout(cfg)),
-                ("memory", memory_report(cfg)), ("support", support_report(cfg)),
+                ("placement", describe_placement(cfg)), ("memory", memory_report(cfg)), ("support", support_report(cfg)),
                 ("resolved config", config_to_yaml(cfg).rstrip("\n"))]
     return "".join(f"# ==== {title} ====\n{body}\n" for title, body in sections)
 
@@ -174,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = _overrides(args, user_overrides)
     try:
         cfg = load_config(args.recipe, overrides)
+        if args.platform or args.imex_channel_per_segment:  # after the platform: the option needs one with IMEX
+            overrides += platform_overrides(cfg, args.platform, args) if args.platform else []
+            overrides += flag_overrides(imex_channel_per_segment=args.imex_channel_per_segment)
+            cfg = load_config(args.recipe, overrides)
         if args.dry_run:
             sys.stdout.write(dry_run(cfg, args.recipe, overrides, args.template))
             return 0
