@@ -51,7 +51,7 @@ bench: venv $(QS_MODEL)/config.json $(QS_DATA) $(QS_SFT)
 	$(PY) tools/bench_rl_step.py --out bench-results/rl_step.json
 	$(PY) tools/bench_r3.py --out bench-results/r3.json
 
-moe-r3: venv $(MOE_MODEL)/config.json $(QS_DATA)
+moe-r3: venv $(MOE_MODEL)/config.json $(QS_DATA) $(QS_SFT)
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node 2 -m miles.driver --recipe qwen3-moe-tiny-r3 $(ARGS)
 
 clean:

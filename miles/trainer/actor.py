@@ -19,9 +19,10 @@ global norm). The scheduler advances *before* the optimizer step, so with `lr_wa
 step k (1-based) uses lr * min(k, W) / W and no step runs at lr 0.
 
 R3 (rollout routing replay, MoE): with `routing_source` set (a callable returning the engine's
-routing dumps [T, L, K] of the samples it is given), every forward of the actor and of the reference
-replays the engine's experts (miles/routing/replay.py): each rank loads the dumps of its own
-micro-batches only. Activation recomputation (trainer.recompute_granularity=full) replays them again.
+routing dumps [T, L, K] of the samples it is given), every RL forward of the actor and of the
+reference replays the engine's experts (miles/routing/replay.py): each rank loads the dumps of its
+own micro-batches only. Activation recomputation (trainer.recompute_granularity=full) replays them
+again. SFT steps route freely: their samples were never rolled out.
 
 Expert parallelism: trainer.expert_model_parallel_size splits the experts over EP ranks (carved out of
 the data-parallel ranks, as in megatron); `export_hf_weights` all-gathers the experts over the EP
@@ -222,11 +223,13 @@ class MegatronActor:
 
     # ------------------------------------------------------------------ batching
 
-    def _micro_batches(self, samples: Sequence[Sample], indices: Sequence[int]) -> list[MicroBatch]:
+    def _micro_batches(self, samples: Sequence[Sample], indices: Sequence[int],
+                       replay: bool = True) -> list[MicroBatch]:
+        """Padded micro-batches; with R3 (and `replay`) each carries its samples' replay targets."""
         micro_batches = build_micro_batches(samples, indices, micro_batch_size=self.cfg.micro_batch_size,
                                             max_tokens=self.cfg.max_tokens_per_microbatch, pad_id=self.pad_id,
                                             device=self.parallel.device)
-        if self.routing_source is None:
+        if self.routing_source is None or not replay:
             return micro_batches
         return [self._with_routing(mb, [samples[i] for i in mb.indices]) for mb in micro_batches]
 
@@ -253,7 +256,9 @@ class MegatronActor:
         per-micro-batch loss_fn outputs."""
 
         model = self.model if model is None else model
-        replay = self._replay_of(model) if self.routing_source is not None else None
+        replayed = [mb.routing is not None for mb in micro_batches]
+        assert all(replayed) or not any(replayed), "a schedule mixes replayed and free-routing micro-batches"
+        replay = self._replay_of(model) if all(replayed) else None
 
         def forward_step(data_iterator: Iterator[MicroBatch], model: torch.nn.Module):
             mb = next(data_iterator)
@@ -385,16 +390,18 @@ class MegatronActor:
             data = _StepData(masks=masks, advantages=None, old_logprobs=None, rollout_logprobs=None,
                              ref_logprobs=None, num_samples=stop - start,
                              num_tokens=int(sum(masks[i].sum() for i in range(start, stop))))
-            per_step.append(self._train_step(samples, start, stop, partial(self._sft_loss, data=data), data, lr))
+            per_step.append(self._train_step(samples, start, stop, partial(self._sft_loss, data=data), data, lr,
+                                             replay=False))
         return _mean_over_steps(per_step)
 
     def _train_step(self, samples: Sequence[Sample], start: int, stop: int, loss_fn: LossFn,
-                    data: _StepData, lr: float | None = None) -> dict[str, float]:
-        """zero grads, forward/backward over this DP rank's micro-batches, optimizer step; global metrics."""
+                    data: _StepData, lr: float | None = None, replay: bool = True) -> dict[str, float]:
+        """zero grads, forward/backward over this DP rank's micro-batches, optimizer step; global metrics.
+        `replay=False`: route freely even under R3 (SFT samples were never rolled out)."""
         from megatron.core import parallel_state as mpu
 
         began = time.perf_counter()
-        micro_batches = self._micro_batches(samples, self._dp_slice(start, stop))
+        micro_batches = self._micro_batches(samples, self._dp_slice(start, stop), replay)
         scale = len(micro_batches) * self.parallel.dp_size  # cancels the schedule's and DDP's averaging
         self.model.train()
         self.model.zero_grad_buffer()

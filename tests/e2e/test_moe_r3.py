@@ -23,9 +23,10 @@ NOISE = "1.0"
 MISMATCH_FLOOR = 1e-4  # issue 6: "in fp32 well below 1e-4"
 
 
-def _run(tmp_path: Path, name: str, model: Path, data: Path, r3: bool) -> list[dict]:
+def _run(tmp_path: Path, name: str, model: Path, data: Path, sft: Path, r3: bool) -> list[dict]:
     overrides = [
-        f"model.path={model}", f"rollout.data_path={data}", f"run.output_dir={tmp_path}", f"run.name={name}",
+        f"model.path={model}", f"rollout.data_path={data}", f"sft.data_path={sft}", f"run.output_dir={tmp_path}",
+        f"run.name={name}",
         f"engine.base_port={free_port_range(1)}", f"router.port={free_port()}", f"r3.enabled={str(r3).lower()}",
         f"r3.dump_dir={tmp_path / name / 'r3-dumps'}", f'engine.extra_args=["--router-selection-noise", "{NOISE}"]',
     ]
@@ -52,18 +53,21 @@ def _run(tmp_path: Path, name: str, model: Path, data: Path, r3: bool) -> list[d
 
 @pytest.mark.slow
 def test_moe_grpo_with_r3_ep2(tiny_moe_model, tmp_path):
-    data = tmp_path / "prompts.jsonl"
-    subprocess.run([sys.executable, "-m", "miles.rollout.synthetic", str(data), "--task", "repeat", "--seed", "0"],
-                   check=True)
-    with_r3 = _run(tmp_path, "r3", tiny_moe_model, data, r3=True)
+    data, sft = tmp_path / "prompts.jsonl", tmp_path / "sft.jsonl"
+    for out, task, seed in ((data, "repeat", "0"), (sft, "repeat-sft", "1")):
+        subprocess.run([sys.executable, "-m", "miles.rollout.synthetic", str(out), "--task", task, "--seed", seed],
+                       check=True)
+    with_r3 = _run(tmp_path, "r3", tiny_moe_model, data, sft, r3=True)
     assert [r["step"] for r in with_r3] == [0, 1, 2]
     assert all("train/loss" in r and "weight_sync/seconds" in r for r in with_r3)
+    # Real updates happened (non-zero advantages after the format warm-up), and were synced.
+    assert max(r["train/grad_norm"] for r in with_r3) > 0 and max(r["rollout/reward_mean"] for r in with_r3) > 0
     r3_mismatch = [r["mismatch/max"] for r in with_r3]
     assert max(r3_mismatch) < MISMATCH_FLOOR, r3_mismatch
     assert all(r["r3/bytes_per_token"] > 0 and r["r3/dump_bytes"] > 0 for r in with_r3)
     assert not list((tmp_path / "r3" / "r3-dumps").glob("step-*.h5")), "trained steps' dumps must be deleted"
 
-    without = _run(tmp_path, "no-r3", tiny_moe_model, data, r3=False)
+    without = _run(tmp_path, "no-r3", tiny_moe_model, data, sft, r3=False)
     plain_mismatch = [r["mismatch/max"] for r in without]
     print(f"mismatch/max per step with R3 {r3_mismatch}, without R3 {plain_mismatch} "
           f"(engine router selection noise {NOISE})")
