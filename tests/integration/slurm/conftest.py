@@ -1,10 +1,16 @@
-"""The `slurm_cluster` session fixture: the real Slurm dev cluster started by `tools/slurm-dev-cluster up`.
+"""Session fixtures for the real Slurm dev clusters.
 
-If the cluster is not up, tests that use the fixture are skipped, unless MILES_REQUIRE_SLURM=1 (CI sets
+`slurm_cluster`: Slurm 22.05 started by `tools/slurm-dev-cluster up` (its clients are on PATH).
+`slurm24_cluster`: Slurm 24.11 with topology/block started by `tools/slurm24-dev-cluster up` (its
+clients are wrappers in the cluster's bin dir; `.run` calls them by absolute path, so both clusters
+can be used in one session).
+
+If a cluster is not up, tests that use its fixture are skipped, unless MILES_REQUIRE_SLURM=1 (CI sets
 it), in which case they fail: Slurm tests must never skip silently in CI.
 """
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 TOOL = REPO / "tools" / "slurm-dev-cluster"
+TOOL24 = REPO / "tools" / "slurm24-dev-cluster"
 
 
 @dataclass(frozen=True)
@@ -54,23 +61,90 @@ def _cluster_from_status(status_out: str) -> SlurmCluster:
     return SlurmCluster(conf=Path(conf), nodes=tuple(sorted(nodes)), gpus_per_node=gpus.pop())
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """The dev cluster; skips (or fails under MILES_REQUIRE_SLURM=1) when it is not up."""
+def _skip_or_fail(reason: str) -> None:
+    """Skip the test, or fail it under MILES_REQUIRE_SLURM=1."""
+    if os.environ.get("MILES_REQUIRE_SLURM") == "1":
+        pytest.fail(f"{reason}. MILES_REQUIRE_SLURM=1 forbids skipping Slurm tests.", pytrace=False)
+    pytest.skip(reason)
+
+
+def _status(tool: Path) -> subprocess.CompletedProcess:
+    """`<tool> status`; skips (or fails) when the cluster is not up."""
     try:
-        status = subprocess.run([str(TOOL), "status"], capture_output=True, text=True, timeout=60)
+        status = subprocess.run([str(tool), "status"], capture_output=True, text=True, timeout=60)
         rc, out = status.returncode, (status.stdout + status.stderr).strip()
     except (OSError, subprocess.TimeoutExpired) as e:
         rc, out = -1, repr(e)
     if rc != 0:
-        reason = (
-            f"Slurm dev cluster is not up (`tools/slurm-dev-cluster status` exited {rc}: "
-            f"{out.splitlines()[0] if out else 'no output'}); start it with `tools/slurm-dev-cluster up`"
+        _skip_or_fail(
+            f"Slurm dev cluster is not up (`tools/{tool.name} status` exited {rc}: "
+            f"{out.splitlines()[0] if out else 'no output'}); start it with `tools/{tool.name} up`"
         )
-        if os.environ.get("MILES_REQUIRE_SLURM") == "1":
-            pytest.fail(f"{reason}. MILES_REQUIRE_SLURM=1 forbids skipping Slurm tests.", pytrace=False)
-        pytest.skip(reason)
+    return status
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """The 22.05 dev cluster; skips (or fails under MILES_REQUIRE_SLURM=1) when it is not up."""
+    status = _status(TOOL)
     cluster = _cluster_from_status(status.stdout)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLURM_CONF", str(cluster.conf))
         yield cluster
+
+
+@dataclass(frozen=True)
+class Slurm24Cluster:
+    """The running Slurm 24.11 block-topology cluster, as `tools/slurm24-dev-cluster status` reports it."""
+
+    bin_dir: Path
+    """Host-side wrappers of the 24.11 clients (sbatch, srun, scontrol, ...)."""
+    nodes: tuple[str, ...]
+    """Virtual node names, in node order (n0, n1, ...)."""
+    blocks: dict[str, str]
+    """Base block name of each node (n0 -> b1), from `scontrol show topology`."""
+    gpus_per_node: int
+    """Fake GPUs (gres/gpu) per node."""
+    imex: bool
+    """switch/nvidia_imex is on (fake channels in each step's /dev/nvidia-caps-imex-channels)."""
+
+    def run(self, *args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a 24.11 client (args[0] is its name: sbatch, srun, ...) through its wrapper; capture text output."""
+        argv = [str(self.bin_dir / args[0]), *args[1:]]
+        env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}  # the 22.05 fixture may have set it
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+def _expand_nodes(expr: str) -> list[str]:
+    """Slurm hostlist `n[0-1,4]` / `n3` -> node names (the one-bracket forms our clusters use)."""
+    m = re.fullmatch(r"(\w+?)\[([\d,-]+)\]", expr)
+    if not m:
+        return [expr]
+    out = []
+    for part in m.group(2).split(","):
+        lo, _, hi = part.partition("-")
+        out += [f"{m.group(1)}{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def _cluster24_from_status(status_out: str) -> Slurm24Cluster:
+    head = re.search(r"up \((nodes=.*?)\)", status_out)
+    path = re.search(r"^export PATH=(\S+?):\$PATH$", status_out, re.M)
+    assert head and path, f"unexpected `tools/slurm24-dev-cluster status` output:\n{status_out}"
+    shape = dict(kv.split("=", 1) for kv in head.group(1).split())
+    blocks = {}
+    for name, nodes in re.findall(r"^BlockName=(\S+) .*?Nodes=(\S+)", status_out, re.M):
+        blocks.update({node: name for node in _expand_nodes(nodes)})
+    nodes = tuple(sorted(blocks, key=lambda n: int(n[1:])))
+    assert len(nodes) == int(shape["nodes"]), f"topology does not name every node:\n{status_out}"
+    return Slurm24Cluster(bin_dir=Path(path.group(1)), nodes=nodes, blocks=blocks,
+                          gpus_per_node=int(shape["gpus"]), imex=shape["imex"] == "1")
+
+
+@pytest.fixture(scope="session")
+def slurm24_cluster() -> Slurm24Cluster:
+    """The 24.11 block-topology dev cluster; skips (or fails under MILES_REQUIRE_SLURM=1) when it is not up."""
+    return _cluster24_from_status(_status(TOOL24).stdout)
