@@ -2,13 +2,14 @@
 #   make quickstart   run the CPU quickstart on the embedded engine (tiny model, synthetic task)
 #   make test         run the test suite (what .ci/run calls)
 #   make bench        CPU benchmarks, JSON into bench-results/
+#   make bench-gpu    GPU benchmarks P1-P4 on a 2-GPU machine (no venv: the device has no network), into $OUT or bench-results/gpu
 #   make moe-r3       MoE GRPO with R3 on 2 CPU trainer ranks (EP=2), configs/qwen3-moe-tiny-r3.yaml
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py requirements/constraints-dev.txt | sha1sum | cut -c1-12)
 
-.PHONY: venv test test-unit quickstart bench moe-r3 clean
+.PHONY: venv test test-unit quickstart bench bench-gpu moe-r3 clean
 
 venv: $(STAMP)
 
@@ -50,6 +51,10 @@ bench: venv $(QS_MODEL)/config.json $(QS_DATA) $(QS_SFT)
 	$(PY) tools/bench_engine.py --model-path $(QS_MODEL) --out bench-results/engine.json
 	$(PY) tools/bench_rl_step.py --out bench-results/rl_step.json
 	$(PY) tools/bench_r3.py --out bench-results/r3.json
+
+GPU_PY ?= python3
+bench-gpu:
+	$(GPU_PY) tools/gpu/bench_gpu.py $(ARGS)
 
 moe-r3: venv $(MOE_MODEL)/config.json $(QS_DATA) $(QS_SFT)
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node 2 -m miles.driver --recipe qwen3-moe-tiny-r3 $(ARGS)

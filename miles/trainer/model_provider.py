@@ -176,6 +176,16 @@ def gpt_layer_spec(config):
     return spec
 
 
+def _bind_missing_te_gemm() -> None:
+    """megatron-core 0.16.1's MoE router GEMM reads `moe_utils.te_general_gemm`, a name bound only when
+    Transformer Engine imports (NameError in every MoE forward without TE, on GPU as on CPU, where
+    cpu_compat's S4 does the same). None selects its plain torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def build_gpt_model(
     hf_config: Any,
     tp_size: int = 1,
@@ -191,6 +201,8 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     ep_size = mpu.get_expert_model_parallel_world_size() if is_moe(hf_config) else 1
+    if is_moe(hf_config):
+        _bind_missing_te_gemm()
     config = transformer_config_from_hf(hf_config, tp_size, params_dtype, init_weights=init_weights, ep_size=ep_size,
                                         **overrides)
     if mpu.get_tensor_model_parallel_world_size() != tp_size:

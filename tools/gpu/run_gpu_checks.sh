@@ -98,7 +98,8 @@ cat "$OUT_DIR/env.txt"
 # -- 4. the checks ------------------------------------------------------------------------------
 if [ ${#ARGS[@]} -eq 0 ]; then
   ARGS=(tests/gpu/test_sglang_logprobs.py tests/gpu/test_sglang_weight_sync.py
-        tests/gpu/test_gpu_grpo_step.py tests/gpu/test_sglang_routed_experts.py)
+        tests/gpu/test_gpu_grpo_step.py tests/gpu/test_sglang_routed_experts.py
+        tests/gpu/test_megatron_parallel.py tests/gpu/test_kernel_parity.py)
 fi
 log "pytest (budget ${BUDGET} s, ${PER_TEST_TIMEOUT} s per test): ${ARGS[*]}"
 timeout -s INT -k 30 "$BUDGET" "$PY" -m pytest -m gpu -s -v -p no:cacheprovider --timeout "$PER_TEST_TIMEOUT" \
