@@ -150,7 +150,7 @@ class DistributedWeightSender:
 
     # -- sending ---------------------------------------------------------------------------------
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str,
-             bucket_bytes: int = 64 << 20, load_format: str | None = None, flush_cache: bool = True) -> SendStats:
+             bucket_bytes: int = 512 << 20, load_format: str | None = None, flush_cache: bool = True) -> SendStats:
         """Broadcast all tensors (HF names) to every engine, bucket by bucket; raise EngineError on a refusal."""
         if self._pg is None:
             raise RuntimeError("call connect() before send()")

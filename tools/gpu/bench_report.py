@@ -45,8 +45,11 @@ def _p2(part: dict) -> list[str]:
              f"{part.get('num_tensors', '?')} tensors), {part.get('device_pair', '?')}", "",
              "| path | GB/s | seconds (median of {}) | vs raw per-tensor NCCL |".format(part.get("repeats", "?")),
              "|---|---|---|---|"]
-    rows = (("miles", "Miles DistributedWeightSender (HTTP per 64 MB bucket, per-tensor broadcast)"),
+    rows = (("miles", f"Miles DistributedWeightSender (HTTP per {part.get('bucket_bytes', 0) >> 20} MB bucket, per-tensor broadcast)"),
             ("miles_flattened_bucket", "Miles DistributedWeightSender, load_format=flattened_bucket"),
+            *((key, f"Miles DistributedWeightSender, {part[key].get('bucket_mb', '?')} MB buckets")
+              for key in sorted((k for k in part if k.startswith("miles_bucket_") and isinstance(part[k], dict)),
+                               key=lambda k: part[k].get("bucket_mb", 0))),
             ("raw_per_tensor", "raw NCCL broadcast, tensor by tensor"),
             ("raw_flat", "raw NCCL broadcast, one flat buffer"))
     for key, label in rows:

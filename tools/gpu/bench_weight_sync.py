@@ -18,7 +18,8 @@ and synchronize the GPU before answering. What it does not have: SGLang's tokeni
 scheduler hop (ZMQ) per request, and its weight loaders' reshuffling.
 
 Measured on the sender (GPU 0), after one untimed warm-up send (NCCL communicator set-up):
-- miles: `DistributedWeightSender.send` (HTTP POST per 64 MB bucket + per-tensor broadcasts), and
+- miles: `DistributedWeightSender.send` (HTTP POST per 512 MB bucket, the default, + per-tensor broadcasts),
+  the same at other bucket sizes (--bucket-sweep-mb), and
   the same with load_format="flattened_bucket" (one broadcast per bucket); GPU synchronized at the end;
 - raw: the same tensors broadcast one by one between the same two GPUs (a second group, no HTTP,
   no allocation, no copy), and all bytes as one flat broadcast: the NCCL ceiling.
@@ -46,8 +47,8 @@ from bench_shapes import SHAPES, shape_bytes  # noqa: E402
 
 from miles.weight_sync.process_group import destroy_custom_process_group, init_custom_process_group  # noqa: E402
 
-BUCKET_BYTES = 64 << 20
-"""DistributedWeightSender's default bucket."""
+BUCKET_BYTES = 512 << 20
+"""DistributedWeightSender's default bucket (= weight_sync.bucket_mb's default)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -205,13 +206,15 @@ def send_bench(args) -> int:
     began = time.perf_counter()
     sender.connect()
     report["connect_seconds"] = time.perf_counter() - began
+    variants = [("miles", None, BUCKET_BYTES), ("miles_flattened_bucket", "flattened_bucket", BUCKET_BYTES)]
+    variants += [(f"miles_bucket_{mb}mb", None, mb << 20) for mb in args.bucket_sweep_mb]
     try:
-        for key, load_format in (("miles", None), ("miles_flattened_bucket", "flattened_bucket")):
+        for key, load_format, bucket_bytes in variants:
             seconds, buckets = [], 0
             for i in range(args.repeats + 1):
                 _sync(device)
                 began = time.perf_counter()
-                stats = sender.send(named, weight_version=f"{key}-{i}", bucket_bytes=BUCKET_BYTES,
+                stats = sender.send(named, weight_version=f"{key}-{i}", bucket_bytes=bucket_bytes,
                                     load_format=load_format)
                 _sync(device)
                 if i:
@@ -220,7 +223,7 @@ def send_bench(args) -> int:
                     report[f"{key}_first_send_seconds"] = time.perf_counter() - began
                 buckets = stats.num_buckets
                 assert stats.num_bytes == num_bytes, (stats.num_bytes, num_bytes)
-            report[key] = {**_gbps(num_bytes, seconds), "num_buckets": buckets}
+            report[key] = {**_gbps(num_bytes, seconds), "num_buckets": buckets, "bucket_mb": bucket_bytes >> 20}
             write_json(args.out, report)
             print(f"P2 {key}: {report[key]['gb_per_s']:.2f} GB/s", flush=True)
     finally:
@@ -249,7 +252,7 @@ def send_bench(args) -> int:
     thread.join(60)
     if not answer.get("success"):
         raise RuntimeError(f"receiver's /raw_bench answered {answer}")
-    for key in ("miles", "miles_flattened_bucket", "raw_flat"):
+    for key in ("raw_flat", *(key for key, _, _ in variants)):
         report[key]["ratio_to_raw_per_tensor"] = report[key]["gb_per_s"] / report["raw_per_tensor"]["gb_per_s"]
     report["miles"]["ratio_to_raw_flat"] = report["miles"]["gb_per_s"] / report["raw_flat"]["gb_per_s"]
     write_json(args.out, report)
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--receiver-device", default="cuda:1", help="sender: for the report only")
     ap.add_argument("--out", type=Path, help="sender: JSON result")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bucket-sweep-mb", type=lambda v: [int(x) for x in v.split(",") if x], default=[64, 256, 1024],
+                    help="sender: also time DistributedWeightSender with these bucket sizes (MB, comma-separated)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     if args.role == "receiver":
