@@ -1,6 +1,7 @@
 """The topology planner: hand-computed placements, explanations, determinism and seeded random properties.
 
-hypothesis is not installed in the venv, so the property test draws 800 shapes from a seeded random.Random.
+The random property test draws 800 shapes from a seeded random.Random (the hypothesis ones are in
+test_planner_properties.py; never-worse-than-node-order at scale in test_planner_scale.py).
 """
 
 import random

@@ -1,5 +1,6 @@
 """Property tests of the topology planner (hypothesis): groups stay inside a domain whenever the numbers
-allow it, and every group that crosses a domain is explained by a line that names its constraint.
+allow it, every group that crosses a domain is explained by a line that names its constraint, and no
+group kind crosses more than in node order.
 
 Deterministic (derandomize=True, no example database) and bounded (200 examples), for 2-core CI.
 """
@@ -9,7 +10,7 @@ import math
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from miles.cluster.planner import crossing_share, plan_placement
+from miles.cluster.planner import crossing_share, naive_placement, plan_placement
 from miles.cluster.topology import ClusterShape, EngineLayout, TrainerLayout
 
 PROFILE = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -63,6 +64,17 @@ def test_groups_stay_inside_a_domain_whenever_the_numbers_allow(case):
             assert set(p.domains_spanned(kind)) <= {1}, (kind, p.domains_spanned(kind))
         assert crossing_share(p, "ep") == 0.0
         assert not any("cross" in line or " > " in line for line in p.explanations), p.explanations
+
+
+@PROFILE
+@given(cases())
+def test_no_group_kind_crosses_more_than_in_node_order(case):
+    cluster, trainer, engines = case
+    p, naive = plan_placement(cluster, trainer, engines), naive_placement(cluster, trainer, engines)
+    for kind in ("ep", "tp", "engine"):
+        assert crossing_share(p, kind) <= crossing_share(naive, kind), (kind, p.explanations)
+    if any(line.endswith("node order is kept") for line in p.explanations):  # the fallback says what it did
+        assert (p.rollout_nodes, p.train_nodes) == (naive.rollout_nodes, naive.train_nodes)
 
 
 @PROFILE
