@@ -14,6 +14,9 @@ Implementations (same signature, same results within rounding):
 - `logprob_entropy_triton`     fused Triton forward, Triton-recompute + cuBLAS backward (CUDA).
 - `logprob_entropy`            picks Triton for CUDA tensors when triton imports, else the reference.
 
+All three take `vocab_start=` and `group=` for a vocabulary sharded over a process group (the
+tensor-parallel output layer): per-shard partials are all-reduced, see logprob_entropy_math.py.
+
 The math (partials, how vocab tiles and TP shards combine, the gradient) is in
 logprob_entropy_math.py.
 """
@@ -36,8 +39,16 @@ def uses_triton(hidden_NH: torch.Tensor, weight_VH: torch.Tensor) -> bool:
 
 def logprob_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor,
                     temperature: float = 1.0,
-                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprob_N, entropy_N) fp32: Triton on CUDA (when triton imports and the dtypes allow), else the reference."""
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, *, vocab_start: int = 0,
+                    group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprob_N, entropy_N) fp32: Triton on CUDA (when triton imports and the dtypes allow), else the reference.
+
+    `vocab_start` and `group`: weight_VH is rows [vocab_start, vocab_start + V) of a vocabulary
+    sharded over the process group `group` (tensor parallelism); results cover the full vocabulary
+    and d hidden is the full gradient on every rank (logprob_entropy_reference's docstring).
+    """
     if uses_triton(hidden_NH, weight_VH):
-        return logprob_entropy_triton(hidden_NH, weight_VH, targets_N, temperature, chunk_size)
-    return logprob_entropy_reference(hidden_NH, weight_VH, targets_N, temperature, chunk_size)
+        return logprob_entropy_triton(hidden_NH, weight_VH, targets_N, temperature, chunk_size,
+                                      vocab_start=vocab_start, group=group)
+    return logprob_entropy_reference(hidden_NH, weight_VH, targets_N, temperature, chunk_size,
+                                     vocab_start=vocab_start, group=group)

@@ -23,12 +23,15 @@ and parts combine exactly (this is also the online update of a kernel walking vo
 
 Since a is taken relative to the running max, entropy never subtracts two large numbers.
 
-Tensor parallel (vocab-sharded output layer; not wired yet): each rank computes its shard's
-(m, s, a, t) with the same kernel, then one all-reduce MAX of m gives M, and one all-reduce SUM
-of the stacked [w s, w (a + (m - M) s), t] (a [3, N] tensor) gives s, a, t on every rank. The
-backward needs only logsumexp_N and entropy_N (already global): every rank forms g_z for its
-shard below, computes d weight of its shard locally, and d hidden is all-reduced (SUM) over the
-TP group, which megatron's column-parallel output layer already does in its backward.
+Tensor parallel (vocab-sharded output layer, `group=` of the implementations): each rank computes
+its shard's (m, s, a, t) with the same kernel (targets shifted by the shard's first row, so a
+target outside the shard is never picked), then one all-reduce MAX of m gives M, and one
+all-reduce SUM of the stacked [w s, w (a + (m - M) s), t, found] (a [4, N] tensor; found = 1 where
+the target lies in this shard) gives s, a, t on every rank, and checks that exactly one shard held
+each target (`all_reduce_partials`). The backward needs only logsumexp_N and entropy_N (already
+global): every rank forms g_z for its shard below, computes d weight of its shard locally, and
+d hidden (a partial sum over the shards) is all-reduced (SUM) over the group, as megatron's
+column-parallel output layer does in its backward.
 
 Gradient (with g_lp, g_H the upstream gradients of logprob and entropy, log p = z - logsumexp):
 
@@ -39,16 +42,19 @@ Gradient (with g_lp, g_H the upstream gradients of logprob and entropy, log p = 
 """
 
 import torch
+import torch.distributed as dist
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_inputs(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, temperature: float,
-                 chunk_size: int) -> None:
+                 chunk_size: int, sharded: bool = False) -> None:
     """Raise ValueError naming the problem when the inputs break the contract.
 
     Checks shapes, dtypes and devices, T > 0, chunk_size > 0 and 0 <= target < V (one small
-    reduction on the device: a bad target would read out of bounds inside a kernel).
+    reduction on the device: a bad target would read out of bounds inside a kernel). With
+    `sharded` (weight_VH is one shard of a vocabulary split over a process group) only
+    target >= 0 is checked here; `all_reduce_partials` checks that some shard holds each target.
     """
     if hidden_NH.dim() != 2 or weight_VH.dim() != 2:
         raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden_NH.shape)} and "
@@ -70,6 +76,10 @@ def check_inputs(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: to
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if sharded:
+        if targets_N.numel() and bool((targets_N < 0).any()):
+            raise ValueError(f"targets must be token ids >= 0, found {targets_N[targets_N < 0][:5].tolist()}")
+        return
     if targets_N.numel() and bool(((targets_N < 0) | (targets_N >= weight_VH.shape[0])).any()):
         bad = targets_N[(targets_N < 0) | (targets_N >= weight_VH.shape[0])][:5].tolist()
         raise ValueError(f"targets must be token ids in [0, {weight_VH.shape[0]}), found {bad}: map padding "
@@ -84,6 +94,26 @@ def combine_partials(m_PN: torch.Tensor, s_PN: torch.Tensor, a_PN: torch.Tensor,
     s_N = (w_PN * s_PN).sum(dim=0)
     a_N = (w_PN * (a_PN + (m_PN - m_N) * s_PN)).sum(dim=0)
     return m_N, s_N, a_N, t_PN.sum(dim=0)
+
+
+def all_reduce_partials(m_N: torch.Tensor, s_N: torch.Tensor, a_N: torch.Tensor, t_N: torch.Tensor,
+                        inside_N: torch.Tensor,
+                        group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Combine every rank's (m, s, a, t) of its vocabulary shard over `group` (module doc): the
+    global (m_N, s_N, a_N, t_N), identical on all ranks. `inside_N` marks the tokens whose target
+    lies in this rank's shard; raises ValueError (on every rank alike) unless exactly one shard
+    holds each target."""
+    max_N = m_N.clone()
+    dist.all_reduce(max_N, op=dist.ReduceOp.MAX, group=group)
+    w_N = torch.exp(m_N - max_N)
+    sums_4N = torch.stack([w_N * s_N, w_N * (a_N + (m_N - max_N) * s_N), t_N, inside_N.to(s_N.dtype)])
+    dist.all_reduce(sums_4N, group=group)
+    if sums_4N.shape[1] and bool((sums_4N[3] != 1).any()):
+        bad = (sums_4N[3] != 1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"targets at token positions {bad} lie in no shard of the vocabulary (or in several): "
+                         f"targets must be token ids below the full vocabulary size, and the shards' vocab_start "
+                         f"must tile it")
+    return max_N, sums_4N[0], sums_4N[1], sums_4N[2]
 
 
 def finish_partials(m_N: torch.Tensor, s_N: torch.Tensor, a_N: torch.Tensor,

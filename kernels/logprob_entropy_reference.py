@@ -16,9 +16,10 @@ Triton kernel is tested against.
 """
 
 import torch
+import torch.distributed as dist
 
-from .logprob_entropy_math import (check_inputs, combine_partials, finish_partials, grad_scaled_logits,
-                                   partials_of_logits)
+from .logprob_entropy_math import (all_reduce_partials, check_inputs, combine_partials, finish_partials,
+                                   grad_scaled_logits, partials_of_logits)
 
 DEFAULT_CHUNK_SIZE = 1024
 """Tokens per block of logits: [1024, Vc] fp32 is 64 MiB at Vc = 16384."""
@@ -32,7 +33,8 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, chunk_size, vocab_chunk_size):
+    def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, chunk_size, vocab_chunk_size, group):
+        # targets_N are relative to this shard's first row: ids outside [0, V) belong to other shards
         acc = _acc_dtype(hidden_NH)
         num_tokens, num_vocab = hidden_NH.shape[0], weight_VH.shape[0]
         parts = []  # one (m_N, s_N, a_N, t_N) per vocab chunk
@@ -46,9 +48,13 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                     dst_N[n0:n1] = src_C
             parts.append(part)
         m_PN, s_PN, a_PN, t_PN = (torch.stack(column) for column in zip(*parts))
-        logprob_N, entropy_N, lse_N = finish_partials(*combine_partials(m_PN, s_PN, a_PN, t_PN))
+        partials = combine_partials(m_PN, s_PN, a_PN, t_PN)
+        if group is not None:
+            partials = all_reduce_partials(*partials, (targets_N >= 0) & (targets_N < num_vocab), group)
+        logprob_N, entropy_N, lse_N = finish_partials(*partials)
         ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N, entropy_N)
         ctx.temperature, ctx.chunk_size, ctx.vocab_chunk_size = temperature, chunk_size, vocab_chunk_size
+        ctx.group = group
         return logprob_N, entropy_N
 
     @staticmethod
@@ -77,20 +83,31 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                     d_w_VcH += d_logits_CVc.T @ h_CH
             if need_weight:
                 d_weight_VH[v0:v0 + vchunk] = d_w_VcH
+        if need_hidden and ctx.group is not None:
+            dist.all_reduce(d_hidden_NH, group=ctx.group)  # every shard's part of d hidden
         d_hidden = d_hidden_NH.to(hidden_NH.dtype) if need_hidden else None
-        return d_hidden, d_weight_VH, None, None, None, None
+        return d_hidden, d_weight_VH, None, None, None, None, None
 
 
 def logprob_entropy_reference(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor,
                               temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                              vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+                              vocab_chunk_size: int = DEFAULT_VOCAB_CHUNK_SIZE, *, vocab_start: int = 0,
+                              group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprob_N, entropy_N) of softmax((hidden_NH @ weight_VH^T) / T), chunked (module doc).
 
     Differentiable with respect to hidden_NH and weight_VH (once: no double backward); the
     backward recomputes the logits chunk by chunk. Outputs are fp32 (float64 for float64 inputs).
+
+    Vocabulary sharded over a process group (tensor parallelism): pass `group` and, on each rank,
+    its shard weight_VH = rows [vocab_start, vocab_start + V) of the full output layer and the
+    global target ids. Results are then over the full vocabulary, identical on every rank; d hidden
+    is the full gradient (all-reduced over `group`), d weight this shard's. Collective: call it
+    on every rank of `group` with the same tokens.
     """
-    check_inputs(hidden_NH, weight_VH, targets_N, temperature, chunk_size)
+    if group is None and vocab_start != 0:
+        raise ValueError(f"vocab_start={vocab_start} needs the group the vocabulary is sharded over (group=)")
+    check_inputs(hidden_NH, weight_VH, targets_N, temperature, chunk_size, sharded=group is not None)
     if vocab_chunk_size <= 0:
         raise ValueError(f"vocab_chunk_size must be a positive number of vocabulary rows, got {vocab_chunk_size}")
-    return _ChunkedLogprobEntropy.apply(hidden_NH, weight_VH, targets_N, float(temperature), int(chunk_size),
-                                       int(vocab_chunk_size))
+    return _ChunkedLogprobEntropy.apply(hidden_NH, weight_VH, targets_N - vocab_start if vocab_start else targets_N,
+                                       float(temperature), int(chunk_size), int(vocab_chunk_size), group)

@@ -26,8 +26,9 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from .logprob_entropy_math import check_inputs, combine_partials, finish_partials
+from .logprob_entropy_math import all_reduce_partials, check_inputs, combine_partials, finish_partials
 
 DEFAULT_CHUNK_SIZE = 1024
 """Tokens per backward block: [1024, V] of d logits is 297 MiB in bf16 at V = 151936."""
@@ -104,11 +105,15 @@ def _forward_partials(hidden_NH, weight_VH, targets_N, temperature, tiles):
 
 class _TritonLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, chunk_size, tiles):
+    def forward(ctx, hidden_NH, weight_VH, targets_N, temperature, chunk_size, tiles, group):
+        # targets_N are relative to this shard's first row: the kernels never match ids outside [0, V)
         partials_4PN = _forward_partials(hidden_NH, weight_VH, targets_N, temperature, tiles)
-        logprob_N, entropy_N, lse_N = finish_partials(*combine_partials(*partials_4PN))
+        partials = combine_partials(*partials_4PN)
+        if group is not None:
+            partials = all_reduce_partials(*partials, (targets_N >= 0) & (targets_N < weight_VH.shape[0]), group)
+        logprob_N, entropy_N, lse_N = finish_partials(*partials)
         ctx.save_for_backward(hidden_NH, weight_VH, targets_N, lse_N, entropy_N)
-        ctx.temperature, ctx.chunk_size, ctx.tiles = temperature, chunk_size, tiles
+        ctx.temperature, ctx.chunk_size, ctx.tiles, ctx.group = temperature, chunk_size, tiles, group
         return logprob_N, entropy_N
 
     @staticmethod
@@ -135,19 +140,26 @@ class _TritonLogprobEntropy(torch.autograd.Function):
             if need_weight:
                 d_weight_VH.addmm_(d_logits_CV.T, hidden_NH[n0:n1])
             del d_logits_CV
-        return d_hidden_NH, d_weight_VH, None, None, None, None
+        if need_hidden and ctx.group is not None:
+            dist.all_reduce(d_hidden_NH, group=ctx.group)  # every shard's part of d hidden
+        return d_hidden_NH, d_weight_VH, None, None, None, None, None
 
 
 def logprob_entropy_triton(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor,
                            temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                           tiles: TritonTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           tiles: TritonTiles | None = None, *, vocab_start: int = 0,
+                           group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprob_N, entropy_N) fp32 of softmax((hidden_NH @ weight_VH^T) / T) with Triton (module doc).
 
     hidden_NH and weight_VH must share one dtype (fp32, bf16 or fp16) and be CUDA tensors (CPU
     tensors only under TRITON_INTERPRET=1). Differentiable once with respect to both; chunk_size
     is the token chunk of the backward. `tiles` overrides the per-dtype default tile sizes.
+    `vocab_start` and `group`: a vocabulary sharded over a process group, as in
+    logprob_entropy_reference (d hidden in bf16 is then summed over the shards in bf16).
     """
-    check_inputs(hidden_NH, weight_VH, targets_N, temperature, chunk_size)
+    if group is None and vocab_start != 0:
+        raise ValueError(f"vocab_start={vocab_start} needs the group the vocabulary is sharded over (group=)")
+    check_inputs(hidden_NH, weight_VH, targets_N, temperature, chunk_size, sharded=group is not None)
     if hidden_NH.dtype != weight_VH.dtype or hidden_NH.dtype == torch.float64:
         raise ValueError(f"logprob_entropy_triton needs hidden and weight of one dtype among fp32, bf16, fp16; got "
                          f"{hidden_NH.dtype} and {weight_VH.dtype}: cast hidden to the weight's dtype, or use "
@@ -158,5 +170,6 @@ def logprob_entropy_triton(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, tar
                            f"in Triton's CPU interpreter")
     _kernels()
     tiles = tiles or (TILES_FP32 if hidden_NH.dtype == torch.float32 else TILES_16BIT)
+    targets_N = targets_N - vocab_start if vocab_start else targets_N
     return _TritonLogprobEntropy.apply(hidden_NH.contiguous(), weight_VH.contiguous(), targets_N.contiguous(),
-                                       float(temperature), int(chunk_size), tiles)
+                                       float(temperature), int(chunk_size), tiles, group)

@@ -28,6 +28,11 @@ Expert parallelism: trainer.expert_model_parallel_size splits the experts over E
 the data-parallel ranks, as in megatron); `export_hf_weights` all-gathers the experts over the EP
 group, so every rank yields every expert.
 
+Log-prob head (trainer.logprob_impl): "full" takes log-probs and entropy from the [B, S, Vp]
+logits; "chunked" from the final hidden states and the output layer's weight through
+miles.kernels.logprob_entropy, so no logits of a micro-batch ever exist (miles/trainer/logprobs.py,
+`model_forward`, says how and why that is safe under DDP, Float16Module, recomputation and TP).
+
 Reference policy: when the algorithm needs pi_ref (`needs_reference`: algo.use_kl_loss, or the
 REINFORCE++ reward-level KL algo.kl_coef != 0) a second GPTModel is built from the same HF
 weights with the same TP layout, frozen (eval mode, no grads, no DDP, no optimizer), and
@@ -55,14 +60,14 @@ from miles.rollout.sample import Sample
 from miles.routing.replay import RoutingReplay, replay_targets
 from miles.trainer.batching import MicroBatch, build_micro_batches, dp_slice
 from miles.trainer.config import TrainerConfig
-from miles.trainer.logprobs import split_responses, token_entropy, token_logprobs
+from miles.trainer.logprobs import ForwardOutput, check_hidden_states_head, model_forward, split_responses
 from miles.trainer.model_provider import is_moe
 from miles.trainer.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
 
-# loss_fn(micro_batch, logits_BSVp) -> (loss for backward, metrics or outputs of this micro-batch)
-LossFn = Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, Any]]
+# loss_fn(micro_batch, forward output) -> (loss for backward, metrics or outputs of this micro-batch)
+LossFn = Callable[[MicroBatch, ForwardOutput], tuple[torch.Tensor, Any]]
 # routing_source(samples) -> the engine's routing dump [T, L, K] of each sample (R3)
 RoutingSource = Callable[[Sequence[Sample]], Sequence[Any]]
 
@@ -183,6 +188,8 @@ class MegatronActor:
         if dtype == torch.bfloat16:
             module = Float16Module(module.config, module)
         load_hf_weights(module, hf_state, self.hf_config)
+        if self.cfg.logprob_impl == "chunked":
+            check_hidden_states_head(module)
         return module
 
     def _build_optimizer(self, dtype: torch.dtype):
@@ -264,8 +271,7 @@ class MegatronActor:
             mb = next(data_iterator)
             if replay is not None:
                 replay.replay_forward(mb.routing)
-            logits_BSVp = model(mb.batch.input_ids_BS, mb.batch.position_ids_BS, mb.batch.attention_mask_11SS)
-            return logits_BSVp, partial(_after_forward, replay, loss_fn, mb)
+            return model_forward(model, mb.batch, self.cfg.logprob_impl), partial(_after_forward, replay, loss_fn, mb)
 
         try:
             return self._forward_backward(
@@ -406,7 +412,7 @@ class MegatronActor:
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run(micro_batches, lambda mb, logits: _scaled(loss_fn(mb, logits), scale), forward_only=False)
+        outputs = self._run(micro_batches, lambda mb, out: _scaled(loss_fn(mb, out), scale), forward_only=False)
         keys = sorted(outputs[0])
         totals = torch.stack([sum(out[k].float() for out in outputs) for k in keys]).cpu()
         if self.parallel.dp_size > 1:
@@ -441,15 +447,13 @@ class MegatronActor:
             out["grad_norm"] = float(grad_norm)
         return out
 
-    def _rl_loss(self, mb: MicroBatch, logits_BSVp: torch.Tensor, *, data: _StepData,
+    def _rl_loss(self, mb: MicroBatch, out: ForwardOutput, *, data: _StepData,
                  temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch, device = mb.batch, logits_BSVp.device
-        logprobs = split_responses(token_logprobs(logits_BSVp, batch.targets_BS, temperature), batch)
-        if self.algo_cfg.entropy_coef != 0:
-            entropy_BS = token_entropy(logits_BSVp, temperature)
-        else:  # logged only: no graph
-            with torch.no_grad():
-                entropy_BS = token_entropy(logits_BSVp.detach(), temperature)
+        batch, device = mb.batch, out.device
+        # without an entropy bonus the entropy is logged only: no graph
+        logprob_BS, entropy_BS = out.logprobs_and_entropy(batch.targets_BS, temperature,
+                                                          "grad" if self.algo_cfg.entropy_coef != 0 else "detached")
+        logprobs = split_responses(logprob_BS, batch)
 
         def rows(values: list[torch.Tensor] | None) -> torch.Tensor | None:
             return None if values is None else _pad_BT([values[i] for i in mb.indices], device)
@@ -463,11 +467,11 @@ class MegatronActor:
         )
         return actor_loss(self.algo_cfg, inp, self.correction)
 
-    def _sft_loss(self, mb: MicroBatch, logits_BSVp: torch.Tensor, *,
+    def _sft_loss(self, mb: MicroBatch, out: ForwardOutput, *,
                   data: _StepData) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logprobs = split_responses(token_logprobs(logits_BSVp, mb.batch.targets_BS), mb.batch)
-        nll_BT = -_pad_BT(logprobs, logits_BSVp.device)
-        mask_BT = _pad_BT([data.masks[i] for i in mb.indices], logits_BSVp.device)
+        logprobs = split_responses(out.logprobs_and_entropy(mb.batch.targets_BS)[0], mb.batch)
+        nll_BT = -_pad_BT(logprobs, out.device)
+        mask_BT = _pad_BT([data.masks[i] for i in mb.indices], out.device)
         loss = reduce_token_mean(nll_BT, mask_BT, num_tokens=data.num_tokens)
         return loss, {"loss": loss.detach()}
 
@@ -493,11 +497,11 @@ def _pad_BT(values: Sequence[torch.Tensor], device: torch.device) -> torch.Tenso
     return torch.nn.utils.rnn.pad_sequence([v.to(device) for v in values], batch_first=True, padding_value=0.0)
 
 
-def _after_forward(replay: "RoutingReplay | None", loss_fn: LossFn, mb: MicroBatch, logits_BSVp: torch.Tensor):
+def _after_forward(replay: "RoutingReplay | None", loss_fn: LossFn, mb: MicroBatch, out: ForwardOutput):
     """The micro-batch's loss; first, with R3, let a recomputation in its backward replay the same experts."""
     if replay is not None:
         replay.replay_backward()
-    return loss_fn(mb, logits_BSVp)
+    return loss_fn(mb, out)
 
 
 def _scaled(result: tuple[torch.Tensor, Any], scale: float) -> tuple[torch.Tensor, Any]:
@@ -505,15 +509,16 @@ def _scaled(result: tuple[torch.Tensor, Any], scale: float) -> tuple[torch.Tenso
     return loss * scale, metrics
 
 
-def _logprob_outputs(mb: MicroBatch, logits_BSVp: torch.Tensor, *, temperature: float,
+def _logprob_outputs(mb: MicroBatch, out: ForwardOutput, *, temperature: float,
                      with_entropy: bool) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor | None]]]:
     """Forward-only 'loss': a dummy zero, and {sample index: (logprobs [R], entropy [R] or None)} on the CPU."""
-    logprobs = split_responses(token_logprobs(logits_BSVp, mb.batch.targets_BS, temperature), mb.batch)
-    entropy = (split_responses(token_entropy(logits_BSVp, temperature), mb.batch) if with_entropy
-               else [None] * len(logprobs))
-    out = {i: (lp.float().cpu(), None if ent is None else ent.float().cpu())
-           for i, lp, ent in zip(mb.indices, logprobs, entropy)}
-    return torch.zeros((), device=logits_BSVp.device), out
+    logprob_BS, entropy_BS = out.logprobs_and_entropy(mb.batch.targets_BS, temperature,
+                                                      "detached" if with_entropy else "none")
+    logprobs = split_responses(logprob_BS, mb.batch)
+    entropy = split_responses(entropy_BS, mb.batch) if with_entropy else [None] * len(logprobs)
+    results = {i: (lp.float().cpu(), None if ent is None else ent.float().cpu())
+               for i, lp, ent in zip(mb.indices, logprobs, entropy)}
+    return torch.zeros((), device=out.device), results
 
 
 def _mean_over_steps(per_step: list[dict[str, float]]) -> dict[str, float]:

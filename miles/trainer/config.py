@@ -42,6 +42,11 @@ class TrainerConfig:
     """AdamW epsilon."""
     bf16: bool = False
     """Train in bf16 (Float16Module, fp32 main params and fp32 grad reduction); fp32 otherwise."""
+    logprob_impl: str = "full"
+    """How per-token log-probs and entropy come out of the model: "full" (the output layer's
+    [B, S, V/TP] logits, then log-softmax) or "chunked" (the final hidden states go through
+    miles.kernels.logprob_entropy with the output layer's weight: Triton on CUDA, chunked torch on
+    CPU, so a micro-batch's full-vocabulary logits are never materialised; works at any TP size)."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "num_steps_per_rollout"):
@@ -56,6 +61,8 @@ class TrainerConfig:
         if self.recompute_granularity not in (None, "full"):
             raise ConfigError(f"trainer.recompute_granularity={self.recompute_granularity!r} is not one of "
                               f"None, 'full'")
+        if self.logprob_impl not in ("full", "chunked"):
+            raise ConfigError(f"trainer.logprob_impl={self.logprob_impl!r} is not one of 'full', 'chunked'")
         if self.max_tokens_per_microbatch is not None and self.max_tokens_per_microbatch < 1:
             raise ConfigError(f"trainer.max_tokens_per_microbatch must be >= 1 (or unset), "
                               f"got {self.max_tokens_per_microbatch}")

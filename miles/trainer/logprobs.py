@@ -1,7 +1,8 @@
-"""Per-token log-probs and entropy of response tokens from vocab-parallel logits.
+"""Per-token log-probs and entropy of response tokens from vocab-parallel logits, or from the
+final hidden states and the output layer without logits (trainer.logprob_impl=chunked).
 
 Legend: B batch (samples in a micro-batch), S padded sequence length, V vocabulary size,
-Vp this TP rank's vocabulary slice (V / tp_size), R a sample's response length.
+Vp this TP rank's vocabulary slice (V / tp_size), H hidden size, R a sample's response length.
 
 Conventions:
 - The logits at position t predict token t+1, so the log-prob of token t comes from the logits at
@@ -9,14 +10,22 @@ Conventions:
   the positions whose target is a response token.
 - Temperature: both quantities use `logits / T`, the distribution the rollout engine sampled
   from (SGLang returns log_softmax(logits / T) of the sampled token).
-- Results are fp32 and differentiable with respect to the logits.
+- Results are fp32 and differentiable with respect to the logits (or the hidden states and the
+  output weight).
+
+`ForwardOutput` is what one micro-batch's forward hands the actor's loss functions: full logits,
+or the hidden states + output weight; `logprobs_and_entropy` gives the same numbers either way
+(within fp32 rounding; in bf16 the chunked path does not round the logits to bf16 first).
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
+
+from miles.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -138,3 +147,129 @@ def response_logprobs_and_entropy(
     if not with_entropy:
         return logprobs, None
     return logprobs, split_responses(token_entropy(logits_BSVp, temperature), batch)
+
+
+def hidden_logprobs_and_entropy(hidden_SBH: torch.Tensor, output_weight_VpH: torch.Tensor, targets_BS: torch.Tensor,
+                                temperature: float = 1.0, tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(z)[target], entropy of softmax(z)) -> two [B, S] fp32, z = hidden @ weight^T / T.
+
+    `hidden_SBH` are the final hidden states (after the final layernorm, megatron's [S, B, H]
+    layout) and `output_weight_VpH` this TP rank's vocabulary rows of the output layer. Runs
+    miles.kernels.logprob_entropy (Triton on CUDA, chunked torch on CPU), so no [B, S, Vp] logits
+    exist; with TP > 1 the vocabulary partials are all-reduced over the TP group, and the gradient
+    of the hidden states is all-reduced too (as the column-parallel output layer's backward does).
+    The hidden states are cast to the weight's dtype (exact for bf16 activations that
+    Float16Module upcast to fp32).
+    """
+    from miles.kernels.logprob_entropy import logprob_entropy
+
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    S, B, H = hidden_SBH.shape
+    if tuple(targets_BS.shape) != (B, S):
+        raise ValueError(f"targets must be [B, S] = [{B}, {S}] for hidden states [S, B, H] = "
+                         f"{tuple(hidden_SBH.shape)}, got {tuple(targets_BS.shape)}")
+    group = _tp_group(tp_group)
+    sharded = dist.get_world_size(group) > 1
+    hidden_NH = hidden_SBH.reshape(S * B, H).to(output_weight_VpH.dtype)  # rows sequence-major, as megatron's
+    targets_N = targets_BS.t().reshape(S * B)
+    vocab_start = dist.get_rank(group) * output_weight_VpH.shape[0] if sharded else 0
+    logprob_N, entropy_N = logprob_entropy(hidden_NH, output_weight_VpH, targets_N, temperature,
+                                           vocab_start=vocab_start, group=group if sharded else None)
+    return logprob_N.view(S, B).t(), entropy_N.view(S, B).t()
+
+
+EntropyMode = Literal["none", "detached", "grad"]
+"""What a loss needs of the entropy: nothing, its value (logged, no gradient), or its gradient."""
+
+
+@dataclass(frozen=True, eq=False)
+class ForwardOutput:
+    """One micro-batch's forward result: the logits (trainer.logprob_impl=full) or the final hidden
+    states and the output layer's weight (chunked). Exactly one of the two forms is set."""
+
+    logits_BSVp: torch.Tensor | None = None
+    """This TP rank's vocabulary slice of the logits."""
+    hidden_SBH: torch.Tensor | None = None
+    """The final hidden states, after the final layernorm, in megatron's [S, B, H] layout."""
+    output_weight_VpH: torch.Tensor | None = None
+    """This TP rank's rows of the output layer (the embedding's when they are tied)."""
+
+    def __post_init__(self):
+        if (self.logits_BSVp is None) == (self.hidden_SBH is None or self.output_weight_VpH is None):
+            raise ValueError("ForwardOutput needs either logits_BSVp, or hidden_SBH and output_weight_VpH")
+
+    @property
+    def device(self) -> torch.device:
+        return (self.logits_BSVp if self.logits_BSVp is not None else self.hidden_SBH).device
+
+    def logprobs_and_entropy(self, targets_BS: torch.Tensor, temperature: float = 1.0,
+                             entropy: EntropyMode = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, S] fp32 log-probs of `targets_BS` under softmax(logits / T), and the entropy per `entropy`
+        (None for "none"; no graph for "detached")."""
+        if self.logits_BSVp is None:
+            logprob_BS, entropy_BS = hidden_logprobs_and_entropy(self.hidden_SBH, self.output_weight_VpH, targets_BS,
+                                                                 temperature)
+            return logprob_BS, {"none": None, "detached": entropy_BS.detach(), "grad": entropy_BS}[entropy]
+        logprob_BS = token_logprobs(self.logits_BSVp, targets_BS, temperature)
+        if entropy == "none":
+            return logprob_BS, None
+        if entropy == "grad":
+            return logprob_BS, token_entropy(self.logits_BSVp, temperature)
+        with torch.no_grad():
+            return logprob_BS, token_entropy(self.logits_BSVp.detach(), temperature)
+
+
+# ---------------------------------------------------------------- the model's forward, per logprob_impl
+
+def model_forward(model: torch.nn.Module, batch: PaddedBatch, logprob_impl: str) -> ForwardOutput:
+    """One micro-batch through `model` (a GPTModel, possibly inside Float16Module and DDP).
+
+    "full": GPTModel.forward to the end, the [B, S, Vp] logits. "chunked": the final hidden states
+    and the output layer's weight (the embedding's when they are tied), never the logits. The
+    forward stops after the final layernorm the way megatron's own non-last pipeline stages do:
+    GPTModel._postprocess returns the decoder's output when `post_process` is False, and the
+    decoder (TransformerBlock) keeps the final layernorm it was built with, so `post_process` is
+    set False on the unwrapped GPTModel for this call only (`check_hidden_states_head` checks the
+    model once at build time). Safe under the wrappers: DDP's forward only calls its module and
+    collects gradients through per-parameter hooks, which fire for the output weight whichever op
+    used it; Float16Module upcasts the bf16 hidden states to fp32 on the way out and
+    hidden_logprobs_and_entropy casts them back (exact); activation recomputation and R3 replay
+    happen inside the decoder. With TP > 1 the kernel all-reduces over the TP group what the
+    column-parallel output layer and vocab_parallel_cross_entropy would (logprob_entropy_math.py).
+    """
+    inputs = (batch.input_ids_BS, batch.position_ids_BS, batch.attention_mask_11SS)
+    if logprob_impl == "full":
+        return ForwardOutput(logits_BSVp=model(*inputs))
+    gpt = _unwrap_gpt(model)
+    gpt.post_process = False
+    try:
+        hidden_SBH = model(*inputs)
+    finally:
+        gpt.post_process = True
+    weight_VpH = (gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights
+                  else gpt.output_layer.weight)
+    return ForwardOutput(hidden_SBH=hidden_SBH, output_weight_VpH=weight_VpH)
+
+
+def check_hidden_states_head(model: torch.nn.Module) -> None:
+    """Raise ConfigError unless `model_forward(..., "chunked")` yields exactly the output layer's input."""
+    gpt = _unwrap_gpt(model)
+    if (gpt.mtp_process or gpt.config.sequence_parallel or not gpt.post_process
+            or gpt.decoder.final_layernorm is None):
+        raise ConfigError("trainer.logprob_impl=chunked supports GPT models on their last pipeline stage, without "
+                          "multi-token prediction or sequence parallelism (the output layer's input must be the "
+                          "final layernorm's whole output); set trainer.logprob_impl=full")
+
+
+def _unwrap_gpt(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers (each keeps it as `.module`)."""
+    from megatron.core.models.gpt import GPTModel
+
+    inner = model
+    while not isinstance(inner, GPTModel):
+        if not hasattr(inner, "module"):
+            raise ConfigError(f"trainer.logprob_impl=chunked needs a megatron GPTModel, found "
+                              f"{type(inner).__name__} inside {type(model).__name__}; set trainer.logprob_impl=full")
+        inner = inner.module
+    return inner
