@@ -225,9 +225,10 @@ def _dump_writer(dumps, step: int, actor):
     """The step's dump writer (a context manager), or a null context without R3."""
     if dumps is None:
         return nullcontext()
-    hf = actor.hf_config
-    return dumps.writer(step, num_layers=hf.num_hidden_layers, top_k=hf.num_experts_per_tok,
-                        num_experts=hf.num_experts)
+    from miles.trainer.model_provider import hf_architecture
+
+    arch = hf_architecture(actor.hf_config)  # dumps hold all layers (dense ones zero), as SGLang sends them
+    return dumps.writer(step, num_layers=arch.num_layers, top_k=arch.top_k, num_experts=arch.num_experts)
 
 
 def _read_routing(dumps, samples) -> list:

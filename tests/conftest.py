@@ -30,6 +30,15 @@ def tiny_moe_model(tmp_path_factory) -> Path:
     return _build_tiny(tmp_path_factory.mktemp("models") / "qwen3-moe-tiny", "--moe")
 
 
+@pytest.fixture(scope="session")
+def tiny_glm4_moe_model(tmp_path_factory) -> Path:
+    """A tiny GLM-4.5-style MoE checkpoint (Glm4MoeForCausalLM): 3 layers, the first dense; 8 routed
+    experts top-2 with a sigmoid router and a non-zero e_score_correction_bias, 1 shared expert,
+    routed_scaling_factor 2.5, partial RoPE 0.5, q/k/v bias, no q/k norm (as GLM-4.5)."""
+    return _build_tiny(tmp_path_factory.mktemp("models") / "glm4-moe-tiny", "--glm4-moe", "--layers", "3",
+                       "--attention-bias")
+
+
 def _run_gloo_ranks(worker: Path, args: list[str], out: Path, world_size: int,
                     timeout_s: float = 240.0) -> tuple[list[dict], list[str]]:
     """Start `worker args...` as world_size env:// ranks on a free port; return each rank's

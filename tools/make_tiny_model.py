@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """Write a tiny, randomly initialised Hugging Face checkpoint with an offline-built tokenizer.
 
-    python tools/make_tiny_model.py OUT [--moe] [--layers 2] [--hidden 64] [--vocab 512] [--seed 0]
+    python tools/make_tiny_model.py OUT [--moe | --glm4-moe] [--layers 2] [--hidden 64] [--vocab 512] [--seed 0]
 
 Dense: Qwen3ForCausalLM (GQA 4 query / 2 KV heads, q/k-norm, SwiGLU, RoPE, RMSNorm).
 --moe: Qwen3MoeForCausalLM, every layer sparse (--experts 8, --top-k 2).
+--glm4-moe: Glm4MoeForCausalLM (GLM-4.5 / DeepSeek-V3-style routing): the first --dense-layers
+layers have a dense MLP, the others a sigmoid router with a per-expert selection bias
+(`e_score_correction_bias`, drawn N(0, --bias-std^2) so that it changes routing), --n-group /
+--topk-group group-limited top-k, renormalised top-k weights times --routed-scaling-factor, and
+one shared expert; partial RoPE (half of each head), optional q/k-norm and q/k/v bias. No MTP
+layer (num_nextn_predict_layers = 0).
 
 Nothing is downloaded. The tokenizer is a byte-level BPE trained here on a synthetic corpus
 (words, digits, arithmetic) and padded with reserved specials so len(tokenizer) == vocab_size.
@@ -66,7 +72,7 @@ def build_tokenizer(vocab_size: int, seed: int):
 
 
 def build_config(args, ids: dict):
-    from transformers import Qwen3Config, Qwen3MoeConfig
+    from transformers import Glm4MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     num_heads = 4
     common = dict(
@@ -85,7 +91,27 @@ def build_config(args, ids: dict):
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    if args.moe:
+    if args.glm4_moe:
+        common.pop("head_dim")  # Glm4MoeConfig derives it (hidden_size // num_attention_heads)
+        common.pop("rope_theta")
+        cfg = Glm4MoeConfig(
+            **common,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            moe_intermediate_size=args.hidden // 2,
+            n_routed_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+            n_shared_experts=1,
+            first_k_dense_replace=args.dense_layers,
+            n_group=args.n_group,
+            topk_group=args.topk_group,
+            norm_topk_prob=True,
+            routed_scaling_factor=args.routed_scaling_factor,
+            attention_bias=args.attention_bias,
+            use_qk_norm=args.qk_norm,
+            num_nextn_predict_layers=0,
+        )
+        cfg.architectures = ["Glm4MoeForCausalLM"]
+    elif args.moe:
         cfg = Qwen3MoeConfig(
             **common,
             moe_intermediate_size=args.hidden // 2,
@@ -105,7 +131,7 @@ def build_config(args, ids: dict):
 def hub_state_dict(model, cfg) -> dict:
     """The model's weights in the Hub layout: fused in-memory expert tensors split per expert."""
     out = {}
-    num_experts = getattr(cfg, "num_experts", None)
+    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "n_routed_experts", None)
     for key, t in model.state_dict().items():
         t = t.detach().contiguous()
         if key.endswith(".mlp.experts.gate_up_proj"):  # [E, 2I, H] in transformers 5
@@ -138,6 +164,17 @@ def init_weights(model, seed: int, std: float) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
+def init_expert_bias(model, seed: int, std: float) -> None:
+    """A non-zero `e_score_correction_bias` per MoE layer (a buffer, so init_weights leaves it)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=gen) * std)
+
+
 def write_tiny_model(args) -> dict:
     import torch
     import transformers
@@ -157,6 +194,8 @@ def write_tiny_model(args) -> dict:
     cfg = build_config(args, ids)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     init_weights(model, args.seed, args.init_std)
+    if args.glm4_moe:
+        init_expert_bias(model, args.seed, args.bias_std)
     model.config.dtype = torch.float32
     model.config.save_pretrained(args.out)
     GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id).save_pretrained(args.out)
@@ -188,18 +227,32 @@ def write_tiny_model(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output folder")
-    ap.add_argument("--moe", action="store_true", help="Qwen3-MoE instead of dense Qwen3")
+    family = ap.add_mutually_exclusive_group()
+    family.add_argument("--moe", action="store_true", help="Qwen3-MoE instead of dense Qwen3")
+    family.add_argument("--glm4-moe", action="store_true", help="GLM-4.5-style MoE (Glm4MoeForCausalLM)")
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=64, help="multiple of 8 (4 heads)")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--tie-embeddings", action="store_true")
+    glm = ap.add_argument_group("--glm4-moe options")
+    glm.add_argument("--dense-layers", type=int, default=1, help="first_k_dense_replace")
+    glm.add_argument("--n-group", type=int, default=1)
+    glm.add_argument("--topk-group", type=int, default=1)
+    glm.add_argument("--routed-scaling-factor", type=float, default=2.5)
+    glm.add_argument("--bias-std", type=float, default=0.1, help="std of the random e_score_correction_bias")
+    glm.add_argument("--attention-bias", action="store_true", help="q/k/v projections with bias")
+    glm.add_argument("--qk-norm", action="store_true", help="use_qk_norm")
     ap.add_argument("--init-std", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.hidden % 8 or args.top_k > args.experts:
         ap.error("--hidden must be a multiple of 8 and --top-k <= --experts")
+    if args.glm4_moe and (args.experts % args.n_group or not 1 <= args.topk_group <= args.n_group
+                          or not 0 <= args.dense_layers < args.layers):
+        ap.error("--glm4-moe needs --experts divisible by --n-group, 1 <= --topk-group <= --n-group and "
+                 "0 <= --dense-layers < --layers")
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     print(json.dumps(write_tiny_model(args)))

@@ -1,8 +1,13 @@
 """R3 in the trainer: replay the experts the rollout engine chose, through megatron-core's `RouterReplay`.
 
-Legend: B samples in a micro-batch, S padded sequence length, L MoE layers, K experts per token
-(top_k), T = prompt + response - 1 (positions the engine's forward saw; the last sampled token
-never went through the model).
+Legend: B samples in a micro-batch, S padded sequence length, L decoder layers, M MoE layers,
+K experts per token (top_k), T = prompt + response - 1 (positions the engine's forward saw; the
+last sampled token never went through the model).
+
+Layers. A dump holds every decoder layer, SGLang's `routed_experts` layout (`num_hidden_layers`);
+a dense layer (GLM-4.5's first `first_k_dense_replace`) routes nothing and holds zeros there.
+Megatron has one RouterReplay per MoE layer, so `replay_targets` keeps the `moe_layers` (all
+layers for Qwen3-MoE): M targets, in layer order, as RoutingReplay lists the routers.
 
 Alignment. The engine's dump of a sample is int32 [T, L, K]: row t holds the experts token t was
 routed to (prompt tokens first, then response tokens; requests are sent with
@@ -40,16 +45,22 @@ class RoutingReplayError(ValueError):
 
 
 def replay_targets(batch: PaddedBatch, routed_TLK: Sequence[np.ndarray | torch.Tensor], num_layers: int,
-                   top_k: int, num_experts: int, sample_ids: Sequence[str] | None = None) -> list[torch.Tensor]:
-    """Per-layer replay targets [S * B, K] (int64, sequence-major rows) of one padded micro-batch.
+                   top_k: int, num_experts: int, sample_ids: Sequence[str] | None = None,
+                   moe_layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+    """Per-MoE-layer replay targets [S * B, K] (int64, sequence-major rows) of one padded micro-batch.
 
-    `routed_TLK[b]` is sample b's engine dump [T, L, K] with T = prompt_len + response_len - 1.
+    `routed_TLK[b]` is sample b's engine dump [T, L, K] with T = prompt_len + response_len - 1 and
+    L = num_layers; `moe_layers` (default: all L) are the layers with a router, one target each.
+    Expert ids are checked on those layers only (dense layers carry SGLang's zeros).
     Raises RoutingReplayError naming the sample on a shape or expert-id mismatch.
     """
     B, S = batch.input_ids_BS.shape
     if len(routed_TLK) != B:
         raise RoutingReplayError(f"{len(routed_TLK)} routing dumps for a micro-batch of {B} samples")
-    idx_SBLK = torch.arange(top_k, dtype=torch.long).expand(S, B, num_layers, top_k).clone()
+    layers = list(range(num_layers)) if moe_layers is None else list(moe_layers)
+    if not layers or any(not 0 <= layer < num_layers for layer in layers):
+        raise RoutingReplayError(f"moe_layers {layers} must be non-empty and lie in [0, {num_layers})")
+    idx_SBMK = torch.arange(top_k, dtype=torch.long).expand(S, B, len(layers), top_k).clone()
     for b, dump in enumerate(routed_TLK):
         name = sample_ids[b] if sample_ids is not None else f"#{b}"
         dump_TLK = torch.as_tensor(np.asarray(dump), dtype=torch.long)
@@ -57,12 +68,13 @@ def replay_targets(batch: PaddedBatch, routed_TLK: Sequence[np.ndarray | torch.T
         if tuple(dump_TLK.shape) != (tokens, num_layers, top_k):
             raise RoutingReplayError(
                 f"routing dump of sample {name} has shape {tuple(dump_TLK.shape)}, expected ({tokens}, {num_layers}, "
-                f"{top_k}) = (prompt {batch.prompt_lens[b]} + response {batch.response_lens[b]} - 1, MoE layers, "
+                f"{top_k}) = (prompt {batch.prompt_lens[b]} + response {batch.response_lens[b]} - 1, decoder layers, "
                 f"top_k): was it recorded for another sample or another model?")
-        if tokens and (int(dump_TLK.min()) < 0 or int(dump_TLK.max()) >= num_experts):
+        routed_TMK = dump_TLK[:, layers]
+        if tokens and (int(routed_TMK.min()) < 0 or int(routed_TMK.max()) >= num_experts):
             raise RoutingReplayError(f"routing dump of sample {name} holds expert ids outside [0, {num_experts})")
-        idx_SBLK[:tokens, b] = dump_TLK
-    return [idx_SBLK[:, :, layer].reshape(S * B, top_k) for layer in range(num_layers)]
+        idx_SBMK[:tokens, b] = routed_TMK
+    return [idx_SBMK[:, :, m].reshape(S * B, top_k) for m in range(len(layers))]
 
 
 class RoutingReplay:

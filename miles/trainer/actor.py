@@ -61,7 +61,7 @@ from miles.routing.replay import RoutingReplay, replay_targets
 from miles.trainer.batching import MicroBatch, build_micro_batches, dp_slice
 from miles.trainer.config import TrainerConfig
 from miles.trainer.logprobs import ForwardOutput, check_hidden_states_head, model_forward, split_responses
-from miles.trainer.model_provider import is_moe
+from miles.trainer.model_provider import hf_architecture, is_moe
 from miles.trainer.parallel import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -242,9 +242,9 @@ class MegatronActor:
 
     def _with_routing(self, mb: MicroBatch, chosen: list[Sample]) -> MicroBatch:
         """`mb` with its R3 replay targets: the engine's routing of exactly these samples."""
-        hf = self.hf_config
-        targets = replay_targets(mb.batch, self.routing_source(chosen), num_layers=hf.num_hidden_layers,
-                                 top_k=hf.num_experts_per_tok, num_experts=hf.num_experts,
+        arch = hf_architecture(self.hf_config)
+        targets = replay_targets(mb.batch, self.routing_source(chosen), num_layers=arch.num_layers,
+                                 top_k=arch.top_k, num_experts=arch.num_experts, moe_layers=arch.moe_layers,
                                  sample_ids=[s.sample_id for s in chosen])
         return MicroBatch(indices=mb.indices, batch=mb.batch,
                           routing=[t.to(self.parallel.device) for t in targets])
@@ -483,10 +483,10 @@ class MegatronActor:
         Every TP rank must consume the whole iterator in order. Tensors are in the training dtype;
         replicated ones (norms) are views of the live parameters: copy before modifying.
         """
-        from miles.trainer.hf_convert import ep_all_gather_experts, megatron_to_hf, tp_all_gather
+        from miles.trainer.hf_convert import ep_all_gather_experts, megatron_to_hf, named_weights, tp_all_gather
 
         gather = tp_all_gather() if self.parallel.tp_size > 1 else None
-        params = self.model.named_parameters()
+        params = named_weights(self.model)  # parameters + routers' expert-bias buffers
         if self.parallel.ep_size > 1:
             return ep_all_gather_experts(params, self.hf_config, self.parallel.ep_size)
         return megatron_to_hf(params, self.hf_config, self.parallel.tp_size, gather)

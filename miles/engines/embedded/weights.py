@@ -34,6 +34,8 @@ class WeightLoader:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.params = dict(model.named_parameters(remove_duplicate=False))
+        # GLM/DeepSeek-style routers keep their expert bias in a buffer; the trainer syncs it too.
+        self.params.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
     def target(self, name: str) -> torch.Tensor:
