@@ -121,7 +121,8 @@ def test_chunked_forward_returns_hidden_states_and_never_runs_the_output_layer(m
     gpt = actor.model.module
     calls = []
     hook = gpt.output_layer.register_forward_hook(lambda *args: calls.append(1))
-    batch = build_padded_batch(PROMPTS[:2], RESPONSES[:2], pad_id=actor.pad_id)  # B = 2, S = 9
+    batch = build_padded_batch(PROMPTS[:2], RESPONSES[:2], pad_id=actor.pad_id,
+                               device=megatron_tp1.device)  # B = 2, S = 9
     try:
         with torch.no_grad():
             chunked = model_forward(actor.model, batch, "chunked")
@@ -235,11 +236,11 @@ def recorded_routing(actor: MegatronActor, samples: list[Sample]) -> dict[str, t
     dumps = {}
     actor.model.eval()
     for sample in samples:
-        ids = torch.tensor([sample.prompt_tokens + sample.response_tokens])
+        ids = torch.tensor([sample.prompt_tokens + sample.response_tokens], device=actor.parallel.device)
         replay.record()
         with torch.no_grad():
-            actor.model(ids, torch.arange(ids.shape[1])[None], None)
-        dumps[sample.sample_id] = torch.stack(replay.recorded(), dim=1)[:-1].int()
+            actor.model(ids, torch.arange(ids.shape[1], device=ids.device)[None], None)
+        dumps[sample.sample_id] = torch.stack(replay.recorded(), dim=1)[:-1].int().cpu()
         replay.clear()
     actor.model.train()
     return dumps

@@ -188,11 +188,12 @@ def engine_capture(hf_model, sequences: list[list[int]]) -> list[torch.Tensor]:
 def trainer_record(model, sequences: list[list[int]]) -> list[torch.Tensor]:
     """megatron's own routing [len - 1, M, K] per sequence (RouterReplay RECORD)."""
     replay, out = RoutingReplay(model), []
+    device = next(model.parameters()).device
     for ids in sequences:
         replay.record()
         with torch.no_grad():
-            model(torch.tensor([ids]), torch.arange(len(ids))[None], None)
-        out.append(torch.stack(replay.recorded(), dim=1)[:-1])
+            model(torch.tensor([ids], device=device), torch.arange(len(ids), device=device)[None], None)
+        out.append(torch.stack(replay.recorded(), dim=1)[:-1].cpu())
         replay.clear()
     return out
 
@@ -236,7 +237,7 @@ def test_replaying_engine_routing_reproduces_engine_logprobs(megatron_tp1, glm4_
     with torch.no_grad():
         engine_lp = [token_logprobs(engine(torch.tensor([ids])).logits[0], ids) for ids in sequences]
     model = megatron_model(config, state)
-    batch = logprobs.build_padded_batch(PROMPTS, RESPONSES, pad_id=0)
+    batch = logprobs.build_padded_batch(PROMPTS, RESPONSES, pad_id=0, device=megatron_tp1.device)
     replay = RoutingReplay(model)
     assert replay.num_layers == len(arch.moe_layers) == 2
 
@@ -245,7 +246,7 @@ def test_replaying_engine_routing_reproduces_engine_logprobs(megatron_tp1, glm4_
             replay.replay_forward(replay_targets(batch, dumps_TLK, num_layers=arch.num_layers, top_k=arch.top_k,
                                                  num_experts=arch.num_experts, moe_layers=arch.moe_layers))
         with torch.no_grad():
-            logits_BSV = model(batch.input_ids_BS, batch.position_ids_BS, batch.attention_mask_11SS)
+            logits_BSV = model(batch.input_ids_BS, batch.position_ids_BS, batch.attention_mask_11SS).cpu()
         replay.clear()
         return [token_logprobs(logits_BSV[b], ids) for b, ids in enumerate(sequences)]
 

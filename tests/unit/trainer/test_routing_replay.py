@@ -107,11 +107,11 @@ def test_trainer_routing_equals_engine_router_hook(megatron_tp1, moe_checkpoint,
     model.eval()
     compared = 0
     for sample in make_samples():
-        ids = torch.tensor([sample.prompt_tokens + sample.response_tokens])
+        ids = torch.tensor([sample.prompt_tokens + sample.response_tokens], device=megatron_tp1.device)
         replay.record()
         with torch.no_grad():
-            model(ids, torch.arange(ids.shape[1])[None], None)
-        recorded_TLK = torch.stack(replay.recorded(), dim=1)[:-1]  # B = 1: rows are positions
+            model(ids, torch.arange(ids.shape[1], device=ids.device)[None], None)
+        recorded_TLK = torch.stack(replay.recorded(), dim=1)[:-1].cpu()  # B = 1: rows are positions
         replay.clear()
         assert torch.equal(recorded_TLK, torch.as_tensor(engine_dumps[sample.sample_id], dtype=torch.long)), sample
         compared += recorded_TLK.numel()
