@@ -93,7 +93,7 @@ def _redrawn_checkpoint(src: Path, out: Path, std: float = 0.2) -> dict:
     return state
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def redrawn_checkpoint():
     """`redrawn_checkpoint(src, out) -> state dict`: see _redrawn_checkpoint."""
     return _redrawn_checkpoint

@@ -5,11 +5,9 @@ Same sharp checkpoint as test_actor (tiny Qwen3 redrawn at std 0.2), so a moved 
 shows up far above the tolerances.
 """
 
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from miles.algo.config import AlgoConfig
 from miles.algo.kl import kl_estimate
@@ -23,14 +21,9 @@ RESPONSES = [[11, 12, 13, 14], [3, 4], [400, 401, 402, 403, 404, 405], [7, 8, 9]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_model, tmp_path_factory):
+def checkpoint(tiny_model, tmp_path_factory, redrawn_checkpoint):
     out = tmp_path_factory.mktemp("actor_ref") / "qwen3-tiny-std02"
-    shutil.copytree(tiny_model, out)
-    gen = torch.Generator().manual_seed(0)
-    state = {name: (1 + 0.2 * torch.randn(t.shape, generator=gen)) if name.endswith("norm.weight")
-             else 0.2 * torch.randn(t.shape, generator=gen)
-             for name, t in sorted(load_file(str(tiny_model / "model.safetensors")).items())}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    redrawn_checkpoint(tiny_model, out)
     return out
 
 

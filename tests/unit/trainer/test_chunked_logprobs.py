@@ -8,14 +8,12 @@ Qwen3-MoE for R3. fp32 throughout except the bf16 test.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from miles.algo.config import AlgoConfig
 from miles.errors import ConfigError
@@ -31,40 +29,29 @@ RESPONSES = [[11, 12, 13, 14], [3], [400, 401, 402, 403, 404, 405], [7, 8, 9], [
 REPO_TOOL = "tools/make_tiny_model.py"
 
 
-def redrawn(src: Path, out: Path) -> dict[str, torch.Tensor]:
-    """A copy of a tiny checkpoint with std-0.2 weights (norms 1 +- 0.2): logits far from flat."""
-    shutil.copytree(src, out)
-    gen = torch.Generator().manual_seed(0)
-    state = {name: (1 + 0.2 * torch.randn(t.shape, generator=gen)) if name.endswith("norm.weight")
-             else 0.2 * torch.randn(t.shape, generator=gen)
-             for name, t in sorted(load_file(str(src / "model.safetensors")).items())}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return state
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tiny_model, tmp_path_factory):
+def checkpoint(tiny_model, tmp_path_factory, redrawn_checkpoint):
     out = tmp_path_factory.mktemp("chunked") / "qwen3-tiny-std02"
-    redrawn(tiny_model, out)
+    redrawn_checkpoint(tiny_model, out)
     return out
 
 
 @pytest.fixture(scope="module")
-def tied_checkpoint(tmp_path_factory):
+def tied_checkpoint(tmp_path_factory, redrawn_checkpoint):
     repo = Path(__file__).resolve().parents[3]
     src = tmp_path_factory.mktemp("chunked-tied") / "qwen3-tiny-tied"
     subprocess.run([sys.executable, str(repo / REPO_TOOL), str(src), "--tie-embeddings"], check=True,
                    capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     out = src.parent / "qwen3-tiny-tied-std02"
-    state = redrawn(src, out)
+    state = redrawn_checkpoint(src, out)
     assert "lm_head.weight" not in state  # tied: the output layer is the embedding
     return out
 
 
 @pytest.fixture(scope="module")
-def moe_checkpoint(tiny_moe_model, tmp_path_factory):
+def moe_checkpoint(tiny_moe_model, tmp_path_factory, redrawn_checkpoint):
     out = tmp_path_factory.mktemp("chunked-moe") / "qwen3-moe-std02"
-    redrawn(tiny_moe_model, out)
+    redrawn_checkpoint(tiny_moe_model, out)
     return out
 
 
@@ -221,7 +208,7 @@ def test_bf16_chunked_trains_close_to_full(megatron_tp1, checkpoint):
         old = actor.compute_logprobs(samples, TEMPERATURE)
         metrics = actor.train_rl(samples, [torch.ones_like(lp) for lp in old], old, temperature=TEMPERATURE)
         results[impl] = (old, metrics, dict(actor.export_hf_weights()))
-    (old_full, m_full, w_full), (old, m, w) = results["full"], results["chunked"]
+    (old_full, m_full, _), (old, m, w) = results["full"], results["chunked"]
     print(f"\nbf16: max |dlogp| {max_diff(old, old_full):.2e}, grad_norm {m['train/grad_norm']:.5f} vs "
           f"{m_full['train/grad_norm']:.5f}")
     assert m["train/skipped_steps"] == 0 and {t.dtype for t in w.values()} == {torch.bfloat16}

@@ -11,12 +11,10 @@ The checkpoint is the tiny Qwen3-MoE with weights redrawn at std 0.2, so router 
 out and the trainer and HF agree on every top-k choice (no near-ties).
 """
 
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from miles.algo.config import AlgoConfig
 from miles.rollout.sample import Sample
@@ -30,14 +28,9 @@ RESPONSES = [[11, 12, 13, 14], [3], [400, 401, 402, 403, 404, 405], [7, 8, 9]]
 
 
 @pytest.fixture(scope="module")
-def moe_checkpoint(tiny_moe_model, tmp_path_factory):
+def moe_checkpoint(tiny_moe_model, tmp_path_factory, redrawn_checkpoint):
     out = tmp_path_factory.mktemp("r3") / "qwen3-moe-std02"
-    shutil.copytree(tiny_moe_model, out)
-    gen = torch.Generator().manual_seed(0)
-    state = {name: (1 + 0.2 * torch.randn(t.shape, generator=gen)) if name.endswith("norm.weight")
-             else 0.2 * torch.randn(t.shape, generator=gen)
-             for name, t in sorted(load_file(str(tiny_moe_model / "model.safetensors")).items())}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    redrawn_checkpoint(tiny_moe_model, out)
     return out
 
 
