@@ -9,9 +9,10 @@
                 --bootstrap mpi, through mpi4py) with RANK from the topology planner's rank map
                 (cluster.rank_order=topology, docs/topology.md), then run miles.driver.train (rank 0 = controller)
     dist-check  any srun step: join torch.distributed like a trainer and all_reduce the ranks
-                (a bootstrap smoke test; needs no recipe)
+                (a bootstrap smoke test; needs no recipe; with --recipe, in the recipe's rank order,
+                so cluster.rank_order=topology applies the rank map as for a trainer)
 
-sbatch/miles-het.sbatch starts these steps; srun writes each task's output to
+sbatch/miles-het.sbatch starts these steps; each task's output goes to
 <run_dir>/logs/<group>-<rank>.r<restart>.log (rollout-0, rollout-router, train-1, ...).
 Exit status: 0 done, 2 bad config or a feature Miles lacks, 75 trainer stopped on request after saving
 (preemption, time limit: the batch script decides whether to requeue), 1 anything else (traceback in the log).
@@ -186,14 +187,15 @@ def trainer(cfg, slurm: SlurmEnv, bootstrap: str) -> int:
     return 0
 
 
-def dist_check(slurm: SlurmEnv, bootstrap: str) -> int:
-    """all_reduce(rank + 1) over the world; prints one line per rank; 0 if the sum is n(n+1)/2."""
+def dist_check(slurm: SlurmEnv, bootstrap: str, cfg=None) -> int:
+    """all_reduce(rank + 1) over the world; prints one line per rank; 0 if the sum is n(n+1)/2.
+    With cfg, RANK follows its cluster.rank_order (the topology rank map, as for a trainer)."""
     from datetime import timedelta
 
     import torch
     import torch.distributed as dist
 
-    env = _join_env(slurm, bootstrap)
+    env = _join_env(slurm, bootstrap, cfg)
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
@@ -204,7 +206,7 @@ def dist_check(slurm: SlurmEnv, bootstrap: str) -> int:
     expected = world * (world + 1) / 2
     sys.stdout.write(f"dist-check rank={rank} world_size={world} local_rank={env['LOCAL_RANK']} "
                      f"master={env['MASTER_ADDR']}:{env['MASTER_PORT']} bootstrap={bootstrap} "
-                     f"all_reduce={value.item():g} expected={expected:g}\n")
+                     f"all_reduce={value.item():g} expected={expected:g} node={slurm.node_name}\n")
     sys.stdout.flush()
     return 0 if value.item() == expected else 1
 
@@ -213,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m miles.launchers.role", description=__doc__.split("\n\n")[0],
                                  allow_abbrev=False)
     ap.add_argument("role", choices=["plan", "engine", "router", "trainer", "dist-check"])
-    ap.add_argument("--recipe", help="recipe name or YAML path (every role but dist-check)")
+    ap.add_argument("--recipe", help="recipe name or YAML path (every role; optional for dist-check)")
     ap.add_argument("--bootstrap", choices=["env", "mpi"], help="trainer/dist-check: overrides cluster.bootstrap")
     return ap
 
@@ -227,12 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         role = Role(kind, 0 if kind == "router" else slurm.procid, slurm.restart_count)
     _setup_logging(role, slurm)
     try:
-        if args.role == "dist-check":
-            return dist_check(slurm, args.bootstrap or "env")
-        if not args.recipe:
-            raise ConfigError(f"role {args.role} needs --recipe")
         from miles.config.loader import load_config
 
+        if args.role == "dist-check":
+            cfg = load_config(args.recipe, overrides) if args.recipe else None
+            return dist_check(slurm, args.bootstrap or (cfg.cluster.bootstrap if cfg else "env"), cfg)
+        if not args.recipe:
+            raise ConfigError(f"role {args.role} needs --recipe")
         cfg = load_config(args.recipe, overrides)
         if args.role == "plan":
             return plan(cfg, slurm)

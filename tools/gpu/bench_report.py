@@ -45,7 +45,8 @@ def _p2(part: dict) -> list[str]:
              f"{part.get('num_tensors', '?')} tensors), {part.get('device_pair', '?')}", "",
              "| path | GB/s | seconds (median of {}) | vs raw per-tensor NCCL |".format(part.get("repeats", "?")),
              "|---|---|---|---|"]
-    rows = (("miles", f"Miles DistributedWeightSender (HTTP per {part.get('bucket_bytes', 0) >> 20} MB bucket, per-tensor broadcast)"),
+    rows = (("miles", f"Miles DistributedWeightSender (HTTP per {_fmt(part.get('bucket_bytes', 0) / (1 << 20) or None, '.0f')} "
+                      "MB bucket, per-tensor broadcast)"),
             ("miles_flattened_bucket", "Miles DistributedWeightSender, load_format=flattened_bucket"),
             *((key, f"Miles DistributedWeightSender, {part[key].get('bucket_mb', '?')} MB buckets")
               for key in sorted((k for k in part if k.startswith("miles_bucket_") and isinstance(part[k], dict)),

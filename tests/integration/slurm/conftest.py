@@ -12,7 +12,9 @@ it), in which case they fail: Slurm tests must never skip silently in CI.
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,3 +150,43 @@ def _cluster24_from_status(status_out: str) -> Slurm24Cluster:
 def slurm24_cluster() -> Slurm24Cluster:
     """The 24.11 block-topology dev cluster; skips (or fails under MILES_REQUIRE_SLURM=1) when it is not up."""
     return _cluster24_from_status(_status(TOOL24).stdout)
+
+
+@pytest.fixture(scope="session")
+def quickstart_data(tmp_path_factory) -> Path:
+    """A folder with prompts.jsonl ("repeat" task) and sft.jsonl ("repeat-sft"), 64 rows each, for CI-sized runs
+    of the quickstart recipe (rollout.data_path / sft.data_path)."""
+    data_dir = tmp_path_factory.mktemp("data")
+    for name, task, seed in (("prompts.jsonl", "repeat", "0"), ("sft.jsonl", "repeat-sft", "1")):
+        subprocess.run([sys.executable, "-m", "miles.rollout.synthetic", str(data_dir / name), "--task", task,
+                        "--num", "64", "--seed", seed], check=True, capture_output=True)
+    return data_dir
+
+
+def job_state24(cluster: Slurm24Cluster, job_id: str) -> str:
+    """State of a job on the 24.11 cluster (RUNNING, PENDING, ...), "GONE" once squeue no longer lists it."""
+    out = cluster.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.split()
+    return out[0] if out else "GONE"
+
+
+@pytest.fixture
+def hold_nodes24(slurm24_cluster, tmp_path) -> Iterator[Callable[..., dict[str, str]]]:
+    """`hold_nodes24("n2", "n6")`: hold each node of the 24.11 cluster with an exclusive `sleep 120` job and return
+    once all of them run ({node: job id}); the jobs still alive are cancelled when the test ends."""
+    cluster, jobs = slurm24_cluster, {}
+
+    def hold(*nodes: str, timeout_s: float = 30) -> dict[str, str]:
+        held = {node: cluster.run("sbatch", "--parsable", "--exclusive", "-t1", "-w", node,
+                                  "-o", str(tmp_path / f"hold-{node}.out"), "--wrap", "sleep 120").stdout.strip()
+                for node in nodes}
+        jobs.update(held)
+        deadline = time.monotonic() + timeout_s
+        while not all(job_state24(cluster, j) == "RUNNING" for j in held.values()):
+            assert time.monotonic() < deadline, f"blocker jobs {held} not all RUNNING after {timeout_s:.0f} s"
+            time.sleep(0.2)
+        return held
+
+    yield hold
+    live = [j for j in jobs.values() if job_state24(cluster, j) not in ("GONE", "COMPLETING")]
+    if live:  # scancel of a COMPLETING job retries for ~5 s
+        cluster.run("scancel", *live, check=False)

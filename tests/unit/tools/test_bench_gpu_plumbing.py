@@ -86,7 +86,7 @@ def test_a_failing_part_does_not_lose_the_others(tools, tmp_path, monkeypatch):
 
     def fine(ctx, timeout_s):
         return {"status": "ok", "model_shape": "small", "bytes": 2e9, "num_tensors": 3, "repeats": 3,
-                "miles": {"gb_per_s": 10.0, "seconds_median": 0.2, "ratio_to_raw_per_tensor": 0.5},
+                "bucket_bytes": 512 << 20, "miles": {"gb_per_s": 10.0, "seconds_median": 0.2, "ratio_to_raw_per_tensor": 0.5},
                 "raw_per_tensor": {"gb_per_s": 20.0, "seconds_median": 0.1}}
 
     monkeypatch.setitem(bench_gpu.RUNNERS, "p1", broken)
@@ -101,7 +101,7 @@ def test_a_failing_part_does_not_lose_the_others(tools, tmp_path, monkeypatch):
     assert report["parts"]["p2"]["status"] == "ok" and report["parts"]["p2"]["miles"]["gb_per_s"] == 10.0
     md = (tmp_path / "bench_gpu.md").read_text()
     assert "| P1 | failed |" in md and "RuntimeError: P1 exploded" in md
-    assert "| Miles DistributedWeightSender (HTTP per 64 MB bucket, per-tensor broadcast) | 10.00 | 0.2000 | 0.50 |" in md
+    assert "| Miles DistributedWeightSender (HTTP per 512 MB bucket, per-tensor broadcast) | 10.00 | 0.2000 | 0.50 |" in md
     assert "| raw NCCL broadcast, tensor by tensor | 20.00 | 0.1000 | 1.00 |" in md
 
 
