@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from miles.atomic_file import atomic_write_text
+from miles.cluster.slurm_env import expand_hostlist
 from miles.cluster.topology import ClusterShape
 from miles.errors import ConfigError
 
@@ -39,26 +40,6 @@ logger = logging.getLogger(__name__)
 Runner = Callable[[list[str]], str | None]
 """Runs a command, returns its stdout, or None when it is missing or fails."""
 TOPOLOGY_DIR = "topology"
-_BRACKET = re.compile(r"\[([^\]]*)\]")
-
-
-def expand_hostlist(expr: str) -> list[str]:
-    """Host names of a Slurm hostlist ("n[0-1,3],gpu[01-02]-a"), zero padding kept, in order."""
-    out: list[str] = []
-    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", expr.strip()):
-        names = [""]
-        pos = 0
-        for m in _BRACKET.finditer(item):
-            choices = []
-            for part in m.group(1).split(","):
-                lo, _, hi = part.partition("-")
-                if not lo.isdigit() or (hi and not hi.isdigit()):
-                    raise ValueError(f"bad range {part!r} in hostlist {expr!r}")
-                choices += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
-            names = [n + item[pos:m.start()] + c for n in names for c in choices]
-            pos = m.end()
-        out += [n + item[pos:] for n in names]
-    return out
 
 
 def parse_topology_addr(addr: str, pattern: str) -> dict[str, list[str]]:

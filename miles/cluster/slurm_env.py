@@ -14,6 +14,7 @@ het leader's id in every component.
 
 import logging
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Mapping
@@ -43,18 +44,41 @@ def _scontrol(*args: str) -> str:
     return proc.stdout
 
 
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+
+
+def expand_hostlist(expr: str) -> list[str]:
+    """Host names of a Slurm hostlist ("n[0-1,3],gpu[01-02]-a"), zero padding kept, in order."""
+    out: list[str] = []
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", expr.strip()):
+        names = [""]
+        pos = 0
+        for m in _BRACKET.finditer(item):
+            choices = []
+            for part in m.group(1).split(","):
+                lo, _, hi = part.partition("-")
+                if not lo.isdigit() or (hi and not hi.isdigit()):
+                    raise ValueError(f"bad range {part!r} in hostlist {expr!r}")
+                choices += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
+            names = [n + item[pos:m.start()] + c for n in names for c in choices]
+            pos = m.end()
+        out += [n + item[pos:] for n in names]
+    return out
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """Host names of a Slurm node list ("n[0-3],gpu7"), in Slurm's order.
 
-    A list without brackets is split on commas; anything else goes through `scontrol show hostnames`,
-    the only parser that knows every form Slurm writes.
+    Parsed in Python (`expand_hostlist`: comma lists, numeric ranges with zero padding, several
+    brackets per name); a form it does not know goes through `scontrol show hostnames`.
     """
     nodelist = nodelist.strip()
     if not nodelist:
         return []
-    if "[" not in nodelist:
-        return [name for name in nodelist.split(",") if name]
-    return _scontrol("show", "hostnames", nodelist).split()
+    try:
+        return expand_hostlist(nodelist)
+    except ValueError:
+        return _scontrol("show", "hostnames", nodelist).split()
 
 
 def _resolves(name: str) -> bool:

@@ -46,5 +46,15 @@ def test_plain_nodelists_expand_without_scontrol():
     assert expand_nodelist(" ") == []
 
 
+def test_bracketed_nodelists_expand_in_python(monkeypatch):
+    import miles.cluster.slurm_env as slurm_env
+
+    def no_scontrol(*args):
+        raise AssertionError(f"scontrol called for {args}")
+
+    monkeypatch.setattr(slurm_env, "_scontrol", no_scontrol)
+    assert expand_nodelist("n[0-2,5],gpu[07-08]-a") == ["n0", "n1", "n2", "n5", "gpu07-a", "gpu08-a"]
+
+
 def test_node_addr_of_a_resolvable_name_is_the_name():
     assert SlurmEnv({"SLURMD_NODENAME": "localhost"}).node_addr() == "localhost"
