@@ -1,10 +1,12 @@
-"""One trainer rank for test_ep2.py: load an HF Qwen3-MoE checkpoint at EP=N (TP=1), forward, export.
+"""One trainer rank for test_ep2.py: an HF MoE checkpoint (qwen3_moe or glm4_moe) at EP=N (TP=1), forward, export.
 
     RANK=r WORLD_SIZE=N MASTER_ADDR=127.0.0.1 MASTER_PORT=p python ep_worker.py CKPT OUT
 
-Rank r holds experts [r*E/N, (r+1)*E/N) and forwards its own batch (the allgather dispatcher
+Rank r holds routed experts [r*E/N, (r+1)*E/N) of every MoE layer (dense layers, shared experts,
+routers and their expert bias are replicated) and forwards its own batch (the allgather dispatcher
 exchanges tokens between the EP ranks). Writes OUT/rank{r}.pt with the batch, the valid logits of
-each row and the HF-named weights that megatron_to_hf yields on this rank.
+each row, the HF-named weights `megatron_to_hf` yields on this rank (its own experts) and those
+`ep_all_gather_experts` yields (every expert).
 """
 
 import sys
@@ -23,7 +25,7 @@ def main(checkpoint: str, out: str) -> None:
     from transformers import AutoConfig
 
     from miles.trainer import cpu_compat, hf_convert, logprobs
-    from miles.trainer.model_provider import build_gpt_model
+    from miles.trainer.model_provider import build_gpt_model, hf_architecture
 
     torch.set_num_threads(1)
     cpu_compat.apply_cpu_compat()
@@ -33,9 +35,11 @@ def main(checkpoint: str, out: str) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(1234, force_reset_rng=True)
     try:
         config = AutoConfig.from_pretrained(checkpoint)
+        arch = hf_architecture(config)
         model = build_gpt_model(config, tp_size=1).eval()
         ep_rank = mpu.get_expert_model_parallel_rank()
-        assert ep_rank == rank and len(model.decoder.layers[0].mlp.experts.local_experts) == config.num_experts // world
+        moe = model.decoder.layers[arch.moe_layers[0]].mlp
+        assert ep_rank == rank and len(moe.experts.local_experts) == arch.num_experts // world
         hf_convert.load_hf_weights(model, hf_convert.load_hf_state_dict(checkpoint), config)
         shift = rank % len(PROMPTS)  # a different batch on each rank
         prompts, responses = PROMPTS[shift:] + PROMPTS[:shift], RESPONSES[shift:] + RESPONSES[:shift]
@@ -43,9 +47,11 @@ def main(checkpoint: str, out: str) -> None:
         with torch.no_grad():
             logits = model(batch.input_ids_BS, batch.position_ids_BS, batch.attention_mask_11SS)
         rows = [logits[b, :len(p) + len(r)].clone() for b, (p, r) in enumerate(zip(prompts, responses))]
-        weights = dict(hf_convert.megatron_to_hf(model.named_parameters(), config, ep_rank=ep_rank, ep_size=world))
+        own = dict(hf_convert.megatron_to_hf(hf_convert.named_weights(model), config, ep_rank=ep_rank, ep_size=world))
+        full = dict(hf_convert.ep_all_gather_experts(hf_convert.named_weights(model), config, world))
         torch.save({"ids": [p + r for p, r in zip(prompts, responses)], "logits": rows,
-                    "weights": {k: v.clone() for k, v in weights.items()}}, Path(out) / f"rank{rank}.pt")
+                    "weights": {k: v.clone() for k, v in own.items()},
+                    "gathered": {k: v.clone() for k, v in full.items()}}, Path(out) / f"rank{rank}.pt")
     finally:
         mpu.destroy_model_parallel()
         dist.destroy_process_group()
